@@ -1,0 +1,355 @@
+"""Gradient strategies: how reverse-mode differentiates a fixed-step solve.
+
+All strategies compute y(t1) identically in the forward pass; they differ in what the forward
+stores and how the backward pass obtains the vector-Jacobian product.
+
+| strategy          | stores in the forward       | backward                                   | exact? |
+|-------------------|-----------------------------|--------------------------------------------|--------|
+| Direct            | every step's internals      | plain reverse-mode                         | yes    |
+| Anode             | the block input y0          | recompute the block, reverse the discrete  | yes    |
+|                   |                             | solver (Gholami et al. 2019, Alg. 1)       |        |
+| Checkpointed(k)   | the block input y0          | binomial (revolve) schedule: ≤ k states    | yes    |
+|                   |                             | alive, recompute the rest                  |        |
+| Backsolve         | the block output y1         | integrate the adjoint ODE backwards in     | no     |
+|                   |                             | time (Chen et al. 2018, Eq. 4–5)           |        |
+
+Each custom_vjp keeps its primal, forward and backward together below. Parameters reach the
+vector field through `args`; closed-over traced values are hoisted into `args` by `odeint`
+(closure conversion) before any strategy sees them.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+
+from anode_jax._typing import PyTree, StepFn, VectorField
+from anode_jax.ode import _loop
+from anode_jax.ode._solvers import ButcherTableau, make_step
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveSpec:
+  """Static description of one fixed-step solve (hashable, no arrays)."""
+
+  tableau: ButcherTableau
+  t0: float
+  t1: float
+  num_steps: int
+  unroll: bool
+
+  @property
+  def dt(self) -> float:
+    return (self.t1 - self.t0) / self.num_steps
+
+
+class AbstractAdjoint(abc.ABC):
+  """Interface of a gradient strategy.
+
+  `solve(vector_field, y0, args, spec)` returns y(t1). `vector_field` closes over no traced
+  values (odeint guarantees it), so strategies may wrap it in custom_vjp freely.
+  """
+
+  name: str = "abstract"
+
+  @abc.abstractmethod
+  def solve(self, vector_field: VectorField, y0: PyTree, args: PyTree, spec: SolveSpec) -> PyTree:
+    ...
+
+  # Whether odeint must closure-convert the vector field before calling `solve`.
+  needs_closure_conversion: bool = True
+
+
+def _forward(vector_field: VectorField, y0, args, spec: SolveSpec):
+  step = make_step(spec.tableau, vector_field, spec.dt)
+  return _loop.integrate(
+      step, y0, args, t0=spec.t0, dt=spec.dt, first=0, last=spec.num_steps, unroll=spec.unroll
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# Direct: reverse-mode through every step.
+
+
+@dataclasses.dataclass(frozen=True)
+class Direct(AbstractAdjoint):
+  """Backpropagate through every solver step (the reference).
+
+  Memory O(L·Nt·s) activations for L blocks, Nt steps and s stages; no recomputation.
+  """
+
+  name = "direct"
+  needs_closure_conversion = False
+
+  def solve(self, vector_field, y0, args, spec):
+    return _forward(vector_field, y0, args, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Anode: store the block input, recompute the block in the backward pass.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _anode_solve(vector_field, y0, args, spec):
+  return _forward(vector_field, y0, args, spec)
+
+
+def _anode_fwd(vector_field, y0, args, spec):
+  return _forward(vector_field, y0, args, spec), (y0, args)
+
+
+def _anode_bwd(vector_field, spec, residuals, ct_y1):
+  # Tie the recomputation to the incoming cotangent: it then runs in the backward pass, one
+  # block at a time, and XLA cannot merge it with the forward pass (see tree_barrier).
+  y0, args, ct_y1 = _loop.tree_barrier(*residuals, ct_y1)
+  _, vjp = jax.vjp(lambda y, a: _forward(vector_field, y, a, spec), y0, args)
+  return vjp(ct_y1)
+
+
+_anode_solve.defvjp(_anode_fwd, _anode_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Anode(AbstractAdjoint):
+  """ANODE (Gholami, Keutzer & Biros 2019, arXiv:1902.10298, Sec. 3 and Alg. 1).
+
+  The forward pass keeps only the block input y0. The backward pass recomputes the block's
+  forward solve and backpropagates through the *discrete* solver (discretize-then-optimize), so
+  the gradient is the exact gradient of the computed forward pass. Memory: O(L) block inputs
+  plus one block's O(Nt) step activations; compute: one extra forward pass.
+  """
+
+  name = "anode"
+
+  def solve(self, vector_field, y0, args, spec):
+    return _anode_solve(vector_field, y0, args, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpointed: at most k states of a block alive; binomial recomputation schedule.
+
+
+@functools.lru_cache(maxsize=None)
+def _revolve_cost(num_steps: int, free_slots: int) -> tuple[int, int]:
+  """(minimal number of recomputed steps, best first split) to reverse `num_steps` steps.
+
+  The state at the segment start is held; `free_slots` more states may be stored. Splitting at
+  m: advance m steps and store that state, reverse the last num_steps - m steps with one slot
+  fewer, then reverse the first m with the slots freed again. This recursion generates the
+  binomial checkpointing schedules of Griewank (1992) "revolve"; the split is chosen by
+  dynamic programming over step counts, so it is optimal for this recursion.
+  """
+  if num_steps <= 1:
+    return 0, 0
+  if free_slots == 0:
+    return num_steps * (num_steps - 1) // 2, 0
+  best = None
+  for m in range(1, num_steps):
+    cost = m + _revolve_cost(num_steps - m, free_slots - 1)[0] + _revolve_cost(m, free_slots)[0]
+    if best is None or cost < best[0]:
+      best = (cost, m)
+  return best
+
+
+def _tree_add(a, b):
+  return jax.tree.map(lambda x, y: y if x.dtype == jax.dtypes.float0 else x + y, a, b)
+
+
+def _step_vjp(step: StepFn, spec: SolveSpec, n: int, y_n, args, ct_next, ct_args):
+  """Backpropagates ct_next through step n (recomputing its internals); accumulates ct_args.
+
+  The barrier also carries the running parameter cotangent: the weight-gradient half of a
+  step's VJP is off the critical path of the state cotangent, and without this tie XLA
+  postpones it and keeps every step's activations alive (memory then grows with Nt).
+  """
+  y_n, args, ct_next, ct_args = _loop.tree_barrier(y_n, args, ct_next, ct_args)
+  t_n = jnp.asarray(spec.t0 + n * spec.dt, _loop.time_dtype())
+  _, vjp = jax.vjp(lambda y, a: step(t_n, y, a), y_n, args)
+  ct_y, ct_a = vjp(ct_next)
+  return ct_y, _tree_add(ct_args, ct_a)
+
+
+def _reverse_segment(step, spec, args, first, last, y_first, ct_last, free_slots, ct_args):
+  """Backpropagates ct_last through steps first..last-1 holding at most free_slots+1 states."""
+  if last - first == 1:
+    return _step_vjp(step, spec, first, y_first, args, ct_last, ct_args)
+  _, split = _revolve_cost(last - first, free_slots)
+  if free_slots == 0:
+    # No slot: every step's input is recomputed from y_first (quadratic compute, O(1) memory).
+    ct = ct_last
+    for n in range(last - 1, first - 1, -1):
+      y_start, ct, ct_args = _loop.tree_barrier(y_first, ct, ct_args)
+      y_n = _loop.integrate(
+          step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=n, unroll=spec.unroll
+      )
+      ct, ct_args = _step_vjp(step, spec, n, y_n, args, ct, ct_args)
+    return ct, ct_args
+  mid = first + split
+  y_start, ct_last, ct_args = _loop.tree_barrier(y_first, ct_last, ct_args)
+  y_mid = _loop.integrate(
+      step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=mid, unroll=spec.unroll
+  )
+  ct_mid, ct_args = _reverse_segment(
+      step, spec, args, mid, last, y_mid, ct_last, free_slots - 1, ct_args
+  )
+  return _reverse_segment(step, spec, args, first, mid, y_first, ct_mid, free_slots, ct_args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _checkpointed_solve(vector_field, y0, args, spec, num_checkpoints):
+  return _forward(vector_field, y0, args, spec)
+
+
+def _checkpointed_fwd(vector_field, y0, args, spec, num_checkpoints):
+  return _forward(vector_field, y0, args, spec), (y0, args)
+
+
+def _checkpointed_bwd(vector_field, spec, num_checkpoints, residuals, ct_y1):
+  y0, args = residuals
+  step = make_step(spec.tableau, vector_field, spec.dt)
+  ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
+  free_slots = min(num_checkpoints, spec.num_steps) - 1
+  return _reverse_segment(step, spec, args, 0, spec.num_steps, y0, ct_y1, free_slots, ct_args)
+
+
+_checkpointed_solve.defvjp(_checkpointed_fwd, _checkpointed_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointed(AbstractAdjoint):
+  """ANODE with a checkpoint budget: at most `num_checkpoints` states of a block alive.
+
+  The paper's "further memory reduction at extra compute" (Gholami et al. 2019, Sec. 3.2):
+  the forward keeps only the block input; the backward reverses the discrete solver step by
+  step, storing at most `num_checkpoints` states (the block input counts as one) and
+  recomputing the others on a binomial schedule (Griewank's revolve). Memory is flat in Nt:
+  k states plus one step's internals. Exact: equals Direct to round-off.
+
+  With k >= Nt every state is recomputed once (one extra forward plus one extra step per
+  step); with k = 1 recomputation is quadratic in Nt.
+  """
+
+  num_checkpoints: int = 4
+  name = "checkpointed"
+
+  def __post_init__(self):
+    k = self.num_checkpoints
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ValueError(f"Checkpointed(num_checkpoints=...) must be an int >= 1, got {k!r}.")
+
+  def solve(self, vector_field, y0, args, spec):
+    return _checkpointed_solve(vector_field, y0, args, spec, self.num_checkpoints)
+
+
+# --------------------------------------------------------------------------------------------
+# Backsolve: the Neural ODE adjoint, integrated backwards in time.
+
+
+def _split_inexact(tree):
+  """(inexact leaves, rebuild(inexact_leaves) -> cotangent tree with float0 elsewhere)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  mask = [jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) for x in leaves]
+  inexact = [x for x, m in zip(leaves, mask) if m]
+
+  def rebuild_cotangent(ct_inexact):
+    it = iter(ct_inexact)
+    return jax.tree.unflatten(
+        treedef,
+        [next(it) if m else _loop.zeros_like_cotangent(x) for x, m in zip(leaves, mask)],
+    )
+
+  def rebuild_primal(new_inexact):
+    it = iter(new_inexact)
+    return jax.tree.unflatten(treedef, [next(it) if m else x for x, m in zip(leaves, mask)])
+
+  return inexact, rebuild_primal, rebuild_cotangent
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _backsolve_solve(vector_field, y0, args, spec):
+  return _forward(vector_field, y0, args, spec)
+
+
+def _backsolve_fwd(vector_field, y0, args, spec):
+  y1 = _forward(vector_field, y0, args, spec)
+  return y1, (y1, args)
+
+
+def _backsolve_bwd(vector_field, spec, residuals, ct_y1):
+  # The reverse-time reconstruction of y does not depend on the cotangent; without the barrier
+  # XLA may hoist every block's reconstruction into the forward pass and keep it alive.
+  y1, args, ct_y1 = _loop.tree_barrier(*residuals, ct_y1)
+  args_inexact, rebuild_args, rebuild_ct = _split_inexact(args)
+
+  def adjoint_field(t, state, _):
+    # Augmented system of Chen et al. (2018), Eq. 4-5 and Alg. 1:
+    #   dy/dt = f(t, y),  da/dt = -aᵀ ∂f/∂y,  dg/dt = -aᵀ ∂f/∂θ.
+    y, a, _ = state
+    fy, vjp = jax.vjp(
+        lambda y_, p_: vector_field(t, y_, rebuild_args(p_)), y, args_inexact
+    )
+    a_y, a_p = vjp(a)
+    neg = lambda tree: jax.tree.map(jnp.negative, tree)
+    return fy, neg(a_y), neg(a_p)
+
+  g1 = [jnp.zeros_like(p) for p in args_inexact]
+  back = SolveSpec(spec.tableau, spec.t1, spec.t0, spec.num_steps, spec.unroll)
+  _, a0, g0 = _forward(adjoint_field, (y1, ct_y1, g1), None, back)
+  return a0, rebuild_ct(g0)
+
+
+_backsolve_solve.defvjp(_backsolve_fwd, _backsolve_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backsolve(AbstractAdjoint):
+  """The Neural ODE adjoint (Chen et al. 2018, arXiv:1806.07366, Alg. 1). Approximate.
+
+  Stores only y(t1) and integrates the augmented system [y, a, a_θ] from t1 back to t0 with
+  the same solver and step count. The reconstructed trajectory is not the forward trajectory
+  (the reverse solve of a ReLU/conv network is unstable and not the inverse of the discrete
+  forward map), so the gradient is NOT the gradient of the computed forward pass; it converges
+  to it only as Nt → ∞ on smooth, well-conditioned problems. Kept as the baseline the ANODE
+  papers compare against; do not use it when you need correct gradients.
+  """
+
+  name = "backsolve"
+
+  def solve(self, vector_field, y0, args, spec):
+    return _backsolve_solve(vector_field, y0, args, spec)
+
+
+# --------------------------------------------------------------------------------------------
+
+ADJOINTS = ("direct", "anode", "checkpointed", "backsolve")
+_CHECKPOINTED_RE = re.compile(r"^checkpointed(?::(\d+))?$")
+
+
+def get_adjoint(adjoint: str | AbstractAdjoint) -> AbstractAdjoint:
+  """Parses a strategy name ("direct", "anode", "backsolve", "checkpointed[:K]") or object."""
+  if isinstance(adjoint, AbstractAdjoint):
+    return adjoint
+  if isinstance(adjoint, str):
+    if adjoint == "direct":
+      return Direct()
+    if adjoint == "anode":
+      return Anode()
+    if adjoint == "backsolve":
+      return Backsolve()
+    match = _CHECKPOINTED_RE.match(adjoint)
+    if match:
+      return Checkpointed(int(match.group(1))) if match.group(1) else Checkpointed()
+    raise ValueError(
+        f"Unknown adjoint {adjoint!r}; valid names are 'direct', 'anode', 'backsolve' and "
+        "'checkpointed:K' (K >= 1 states kept per block), or pass Direct(), Anode(), "
+        "Checkpointed(num_checkpoints=K) or Backsolve()."
+    )
+  raise TypeError(
+      "adjoint must be one of 'direct', 'anode', 'backsolve', 'checkpointed:K' or an "
+      f"AbstractAdjoint instance, got {type(adjoint).__name__}."
+  )
