@@ -52,11 +52,12 @@ def make_problem(num_blocks, batch=32, size=16, channels=16, seed=0):
   return z0, params
 
 
-def make_loss(num_steps, adjoint, solver="rk4"):
+def make_loss(num_steps, adjoint, solver="rk4", unroll=None):
   def loss(z0, params):
     z = z0
     for theta in params:
-      z = odeint(vector_field, z, theta, num_steps=num_steps, solver=solver, adjoint=adjoint)
+      z = odeint(vector_field, z, theta, num_steps=num_steps, solver=solver, adjoint=adjoint,
+                 unroll=unroll)
     return jnp.mean(z**2)
 
   return loss
@@ -151,8 +152,26 @@ def main():
     diffrax_rows.append(row)
     print(f"diffrax {solver}: ours {ours['step_s']*1e3:.1f} ms, diffrax {theirs['step_s']*1e3:.1f} ms, speedup {row['speedup']:.1f}x", flush=True)
 
+  # Unrolled vs looped time loop (the measurement behind DEFAULT_MAX_UNROLL).
+  loop_rows = []
+  z0, params = make_problem(2)
+  for num_steps in ((4, 16) if args.quick else (4, 16, 32)):
+    for adjoint in ("direct", "anode"):
+      timings = {}
+      for unroll in (True, False):
+        result, _ = measure(make_loss(num_steps, adjoint, "rk4", unroll), z0, params, repeats)
+        timings[unroll] = result
+      row = {"blocks": 2, "num_steps": num_steps, "strategy": adjoint,
+             "unrolled_step_s": timings[True]["step_s"], "scan_step_s": timings[False]["step_s"],
+             "unrolled_compile_s": timings[True]["compile_s"], "scan_compile_s": timings[False]["compile_s"],
+             "unrolled_temp_bytes": timings[True]["temp_bytes"], "scan_temp_bytes": timings[False]["temp_bytes"]}
+      loop_rows.append(row)
+      print(f"loop L=2 Nt={num_steps} {adjoint}: unrolled {row['unrolled_step_s']*1e3:.1f} ms / "
+            f"{row['unrolled_compile_s']:.1f} s compile, scan {row['scan_step_s']*1e3:.1f} ms / "
+            f"{row['scan_compile_s']:.1f} s compile", flush=True)
+
   payload = {"machine": _common.machine(), "quick": args.quick, "state_bytes": state_bytes,
-             "rows": rows, "diffrax": diffrax_rows}
+             "rows": rows, "diffrax": diffrax_rows, "loops": loop_rows}
   _common.write_results("bench_core", payload, to_markdown(payload))
 
 
@@ -189,6 +208,16 @@ def to_markdown(payload) -> str:
         f"{r['diffrax_step_s']*1e3:.1f} | {r['speedup']:.1f}× | {r['anode_temp_state_sizes']:.1f} | "
         f"{r['diffrax_temp_state_sizes']:.1f} | {r['anode_compile_s']:.1f} / {r['diffrax_compile_s']:.1f} | "
         f"{r['grad_rel_difference']:.1e} |"
+    )
+  lines += ["", "## Unrolled vs `lax.scan` time loop (L = 2, RK4)", "",
+            "| Nt | strategy | unrolled (ms) | scan (ms) | scan / unrolled | compile unrolled / scan (s) | temp unrolled / scan (states) |",
+            "|---|---|---|---|---|---|---|"]
+  sb = payload["state_bytes"]
+  for r in payload.get("loops", []):
+    lines.append(
+        f"| {r['num_steps']} | {r['strategy']} | {r['unrolled_step_s']*1e3:.1f} | {r['scan_step_s']*1e3:.1f} | "
+        f"{r['scan_step_s']/r['unrolled_step_s']:.1f}× | {r['unrolled_compile_s']:.1f} / {r['scan_compile_s']:.1f} | "
+        f"{r['unrolled_temp_bytes']/sb:.0f} / {r['scan_temp_bytes']/sb:.0f} |"
     )
   return "\n".join(lines) + "\n"
 

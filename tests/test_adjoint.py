@@ -248,9 +248,11 @@ def test_anode_memory_grows_slowly_with_depth():
 
 
 def test_checkpointed_memory_is_flat_in_num_steps():
-  small = _temp_bytes("checkpointed:3", 2, 4, "euler")
-  large = _temp_bytes("checkpointed:3", 2, 24, "euler")  # > DEFAULT_MAX_UNROLL: looped
-  direct_large = _temp_bytes("direct", 2, 24, "euler")
+  # Six times the steps, no more memory (XLA's schedule varies by a few states between
+  # step counts: 10-15 states for Nt = 4..48 here, never growing with Nt).
+  small = _temp_bytes("checkpointed:3", 2, 8, "euler")
+  large = _temp_bytes("checkpointed:3", 2, 48, "euler")  # > DEFAULT_MAX_UNROLL
+  direct_large = _temp_bytes("direct", 2, 48, "euler")
   assert large <= 1.1 * small, (small, large)
   assert large < 0.1 * direct_large
 

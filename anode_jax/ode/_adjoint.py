@@ -65,10 +65,14 @@ class AbstractAdjoint(abc.ABC):
   needs_closure_conversion: bool = True
 
 
-def _forward(vector_field: VectorField, y0, args, spec: SolveSpec):
+def _forward(vector_field: VectorField, y0, args, spec: SolveSpec, *, differentiated=True):
+  """y(t1). A solve that reverse-mode will differentiate follows spec.unroll; a forward-only
+  one (the primal pass of a custom-VJP strategy) always loops: forward convolutions ran as fast
+  in `lax.scan` as unrolled here (81.7 vs 79.4 ms) and the loop compiles faster."""
   step = make_step(spec.tableau, vector_field, spec.dt)
   return _loop.integrate(
-      step, y0, args, t0=spec.t0, dt=spec.dt, first=0, last=spec.num_steps, unroll=spec.unroll
+      step, y0, args, t0=spec.t0, dt=spec.dt, first=0, last=spec.num_steps,
+      unroll=spec.unroll if differentiated else False,
   )
 
 
@@ -96,14 +100,23 @@ class Direct(AbstractAdjoint):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _anode_solve(vector_field, y0, args, spec):
-  return _forward(vector_field, y0, args, spec)
+  return _forward(vector_field, y0, args, spec, differentiated=False)
 
 
 def _anode_fwd(vector_field, y0, args, spec):
-  return _forward(vector_field, y0, args, spec), (y0, args)
+  return _forward(vector_field, y0, args, spec, differentiated=False), (y0, args)
 
 
 def _anode_bwd(vector_field, spec, residuals, ct_y1):
+  if not spec.unroll:
+    # Above the unroll threshold, reverse-mode through a looped solve is slow on XLA:CPU
+    # (22x for conv gradients, docs/bench_core.md). Store the Nt step inputs with a forward
+    # loop instead and reverse the steps one by one: the same exact gradient, Nt states
+    # instead of Nt steps of internals, one extra step of compute per step.
+    y0, args = residuals
+    step = make_step(spec.tableau, vector_field, spec.dt)
+    ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
+    return _reverse_storing_all(step, spec, args, 0, spec.num_steps, y0, ct_y1, ct_args)
   # Tie the recomputation to the incoming cotangent: it then runs in the backward pass, one
   # block at a time, and XLA cannot merge it with the forward pass (see tree_barrier).
   y0, args, ct_y1 = _loop.tree_barrier(*residuals, ct_y1)
@@ -135,25 +148,32 @@ class Anode(AbstractAdjoint):
 
 
 @functools.lru_cache(maxsize=None)
-def _revolve_cost(num_steps: int, free_slots: int) -> tuple[int, int]:
-  """(minimal number of recomputed steps, best first split) to reverse `num_steps` steps.
+def _revolve_table(num_steps: int, free_slots: int) -> tuple[tuple[int, ...], ...]:
+  """best_split[s][t]: the first split that reverses t steps with s free slots cheapest.
 
-  The state at the segment start is held; `free_slots` more states may be stored. Splitting at
-  m: advance m steps and store that state, reverse the last num_steps - m steps with one slot
-  fewer, then reverse the first m with the slots freed again. This recursion generates the
-  binomial checkpointing schedules of Griewank (1992) "revolve"; the split is chosen by
-  dynamic programming over step counts, so it is optimal for this recursion.
+  The state at the segment start is held; `free_slots` more states may be stored. Splitting
+  at m: advance m steps and store that state, reverse the last t - m steps with one slot
+  fewer, then reverse the first m with the slots freed again:
+      cost(t, s) = min_m  m + cost(t - m, s - 1) + cost(m, s),   cost(1, s) = 0,
+      cost(t, 0) = t (t - 1) / 2   (no slot: recompute every step's input from the start).
+  This recursion generates Griewank's (1992) binomial "revolve" schedules; the dynamic
+  programme makes the split optimal for it. Table built bottom-up: O(T² S) integer work.
   """
-  if num_steps <= 1:
-    return 0, 0
-  if free_slots == 0:
-    return num_steps * (num_steps - 1) // 2, 0
-  best = None
-  for m in range(1, num_steps):
-    cost = m + _revolve_cost(num_steps - m, free_slots - 1)[0] + _revolve_cost(m, free_slots)[0]
-    if best is None or cost < best[0]:
-      best = (cost, m)
-  return best
+  cost = [[t * (t - 1) // 2 for t in range(num_steps + 1)]]
+  split = [[0] * (num_steps + 1)]
+  for s in range(1, free_slots + 1):
+    cost_s, split_s = [0, 0], [0, 0]
+    for t in range(2, num_steps + 1):
+      best_m = min(range(1, t), key=lambda m: m + cost[s - 1][t - m] + cost_s[m])
+      cost_s.append(best_m + cost[s - 1][t - best_m] + cost_s[best_m])
+      split_s.append(best_m)
+    cost.append(cost_s)
+    split.append(split_s)
+  return tuple(tuple(row) for row in split)
+
+
+def _revolve_split(num_steps: int, free_slots: int) -> int:
+  return _revolve_table(num_steps, free_slots)[free_slots][num_steps]
 
 
 def _tree_add(a, b):
@@ -178,21 +198,22 @@ def _reverse_segment(step, spec, args, first, last, y_first, ct_last, free_slots
   """Backpropagates ct_last through steps first..last-1 holding at most free_slots+1 states."""
   if last - first == 1:
     return _step_vjp(step, spec, first, y_first, args, ct_last, ct_args)
-  _, split = _revolve_cost(last - first, free_slots)
+  if free_slots >= last - first - 1:
+    return _reverse_storing_all(step, spec, args, first, last, y_first, ct_last, ct_args)
   if free_slots == 0:
     # No slot: every step's input is recomputed from y_first (quadratic compute, O(1) memory).
     ct = ct_last
     for n in range(last - 1, first - 1, -1):
       y_start, ct, ct_args = _loop.tree_barrier(y_first, ct, ct_args)
       y_n = _loop.integrate(
-          step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=n, unroll=spec.unroll
+          step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=n, unroll=False
       )
       ct, ct_args = _step_vjp(step, spec, n, y_n, args, ct, ct_args)
     return ct, ct_args
-  mid = first + split
+  mid = first + _revolve_split(last - first, free_slots)
   y_start, ct_last, ct_args = _loop.tree_barrier(y_first, ct_last, ct_args)
   y_mid = _loop.integrate(
-      step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=mid, unroll=spec.unroll
+      step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=mid, unroll=False
   )
   ct_mid, ct_args = _reverse_segment(
       step, spec, args, mid, last, y_mid, ct_last, free_slots - 1, ct_args
@@ -200,13 +221,24 @@ def _reverse_segment(step, spec, args, first, last, y_first, ct_last, free_slots
   return _reverse_segment(step, spec, args, first, mid, y_first, ct_mid, free_slots, ct_args)
 
 
+def _reverse_storing_all(step, spec, args, first, last, y_first, ct_last, ct_args):
+  """Reverses steps first..last-1 storing every step input (one forward loop, then VJPs)."""
+  y_start, ct_last, ct_args = _loop.tree_barrier(y_first, ct_last, ct_args)
+  inputs = _loop.step_inputs(step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=last)
+  ct = ct_last
+  for n in range(last - 1, first - 1, -1):
+    y_n = jax.tree.map(lambda stacked: stacked[n - first], inputs)
+    ct, ct_args = _step_vjp(step, spec, n, y_n, args, ct, ct_args)
+  return ct, ct_args
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
 def _checkpointed_solve(vector_field, y0, args, spec, num_checkpoints):
-  return _forward(vector_field, y0, args, spec)
+  return _forward(vector_field, y0, args, spec, differentiated=False)
 
 
 def _checkpointed_fwd(vector_field, y0, args, spec, num_checkpoints):
-  return _forward(vector_field, y0, args, spec), (y0, args)
+  return _forward(vector_field, y0, args, spec, differentiated=False), (y0, args)
 
 
 def _checkpointed_bwd(vector_field, spec, num_checkpoints, residuals, ct_y1):
@@ -272,11 +304,11 @@ def _split_inexact(tree):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _backsolve_solve(vector_field, y0, args, spec):
-  return _forward(vector_field, y0, args, spec)
+  return _forward(vector_field, y0, args, spec, differentiated=False)
 
 
 def _backsolve_fwd(vector_field, y0, args, spec):
-  y1 = _forward(vector_field, y0, args, spec)
+  y1 = _forward(vector_field, y0, args, spec, differentiated=False)
   return y1, (y1, args)
 
 
