@@ -198,7 +198,10 @@ def _reverse_segment(step, spec, args, first, last, y_first, ct_last, free_slots
   """Backpropagates ct_last through steps first..last-1 holding at most free_slots+1 states."""
   if last - first == 1:
     return _step_vjp(step, spec, first, y_first, args, ct_last, ct_args)
-  if free_slots >= last - first - 1:
+  if free_slots >= last - first - 1 and not spec.unroll:
+    # Long solves: one looped forward stores every input (bounded compile time). Short ones
+    # take the recursion below, which then advances one unrolled step at a time: measured
+    # 28 vs 58 states at L=8, Nt=4, k=4 (the loop's stacked buffers cost extra).
     return _reverse_storing_all(step, spec, args, first, last, y_first, ct_last, ct_args)
   if free_slots == 0:
     # No slot: every step's input is recomputed from y_first (quadratic compute, O(1) memory).
@@ -227,6 +230,9 @@ def _reverse_storing_all(step, spec, args, first, last, y_first, ct_last, ct_arg
   inputs = _loop.step_inputs(step, y_start, args, t0=spec.t0, dt=spec.dt, first=first, last=last)
   ct = ct_last
   for n in range(last - 1, first - 1, -1):
+    # Slice only once the cotangent has arrived; otherwise XLA materializes every slice right
+    # after the loop and holds twice the stored states.
+    inputs, ct, ct_args = _loop.tree_barrier(inputs, ct, ct_args)
     y_n = jax.tree.map(lambda stacked: stacked[n - first], inputs)
     ct, ct_args = _step_vjp(step, spec, n, y_n, args, ct, ct_args)
   return ct, ct_args
