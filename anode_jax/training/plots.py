@@ -1,0 +1,35 @@
+"""Loss / accuracy curves from metrics.jsonl as PNG files (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+
+def plot_curves(records: Sequence[dict[str, Any]], workdir: str, title: str = "") -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric in ("loss", "accuracy"):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for split, style in (("train", "-"), ("test", "o-")):
+            rs = [r for r in records if r["split"] == split and isinstance(r[metric], float)]
+            if rs:
+                ax.plot([r["step"] for r in rs], [r[metric] for r in rs], style,
+                        label=split, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(title)
+        fig.tight_layout()
+        path = os.path.join(workdir, f"{metric}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,144 @@
+"""Explicit training state, model construction and optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from anode_jax.training.config_validation import model_kwargs
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes; a plain pytree of arrays.
+
+    ``rng`` is raw uint32 key data (checkpoint-friendly); the step derives its key as
+    ``fold_in(wrap_key_data(rng), step)``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
+                "opt_state": self.opt_state, "rng": self.rng}
+
+
+def build_model(config, num_classes: int):
+    """``config.model`` -> flax module via :func:`anode_jax.models.create_model`."""
+    from anode_jax.models import create_model
+
+    kwargs = model_kwargs(config)
+    kwargs["num_classes"] = num_classes
+    return create_model(config.model.name, **kwargs)
+
+
+def make_lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """Learning rate as a function of the step count (an optax schedule, float32).
+
+    ``step``: ``optax.piecewise_constant_schedule``, multiplying by ``lr_gamma`` at each
+    epoch in ``lr_milestones`` (paper: 0.1, /10 at epoch 150, /100 at 250); ``cosine``:
+    ``optax.warmup_cosine_decay_schedule`` / ``cosine_decay_schedule`` to 0 at the end of
+    the run; ``constant``. ``warmup_epochs`` adds a linear warmup from
+    ``learning_rate / warmup_steps`` (for ``step`` and ``constant`` it scales the schedule,
+    so the milestones stay at absolute epochs).
+    """
+    o = config.optim
+    total = config.num_epochs * steps_per_epoch
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    base = float(o.learning_rate)
+    if o.schedule == "cosine":
+        if warmup > 0:
+            inner = optax.warmup_cosine_decay_schedule(
+                base / warmup, base, warmup, max(total, warmup + 1))
+        else:
+            inner = optax.cosine_decay_schedule(base, max(total, 1))
+        ramp = None
+    else:
+        if o.schedule == "step":
+            boundaries = {int(round(m * steps_per_epoch)): float(o.lr_gamma)
+                          for m in o.lr_milestones}
+            inner = optax.piecewise_constant_schedule(base, boundaries)
+        elif o.schedule == "constant":
+            inner = optax.constant_schedule(base)
+        else:  # validated earlier
+            raise ValueError(o.schedule)
+        ramp = optax.linear_schedule(1.0 / warmup, 1.0, warmup - 1) if warmup > 1 else None
+
+    def schedule(count):
+        # optax schedules mix int32 counts with Python floats (rejected under
+        # jax_numpy_dtype_promotion="strict"); evaluate them under standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            lr = jnp.asarray(inner(count), jnp.float32)
+            if ramp is not None:
+                lr = lr * jnp.asarray(ramp(count), jnp.float32)
+        return lr
+
+    return schedule
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Trace optax internals under standard dtype promotion.
+
+    optax 0.2.x mixes int32 step counts with Python floats (e.g. Adam's bias correction
+    ``b1 ** count``), which ``jax_numpy_dtype_promotion="strict"`` rejects; the model and
+    our own code stay under whatever promotion mode is active.
+    """
+
+    def init(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """One optimizer for the whole run (momentum is never reset)."""
+    o = config.optim
+    parts = []
+    if o.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    if o.name == "sgd":
+        if o.weight_decay > 0:
+            # PyTorch SGD weight decay: L2 term added to the gradient before momentum.
+            parts.append(optax.add_decayed_weights(o.weight_decay))
+        parts.append(optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
+    elif o.name == "adamw":
+        parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+    else:  # validated earlier
+        raise ValueError(o.name)
+    return _standard_promotion(optax.chain(*parts))
+
+
+def create_train_state(model, tx: optax.GradientTransformation, seed: int,
+                       image_shape: tuple[int, ...]) -> TrainState:
+    """Initialize parameters and optimizer state from ``seed`` (pure function)."""
+    root = jax.random.key(seed)
+    init_key, data_key = jax.random.split(root)
+    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    variables = model.init({"params": init_key, "dropout": init_key}, dummy, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(data_key),
+    )
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
