@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), ".tfds_offline"))
 os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")  # headless: notebooks and plots never open windows
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

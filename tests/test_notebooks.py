@@ -11,8 +11,9 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "note
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs(path, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)  # notebooks that write files write them here
+def test_notebook_runs(path, monkeypatch):
+  # Jupyter runs a notebook in its own folder; notebooks write only to temporary folders.
+  monkeypatch.chdir(os.path.dirname(os.path.abspath(path)))
   with open(path) as f:
     notebook = json.load(f)
   namespace = {"__name__": "__notebook__"}
