@@ -113,10 +113,7 @@ def _anode_bwd(vector_field, spec, residuals, ct_y1):
     # (22x for conv gradients, docs/bench_core.md). Store the Nt step inputs with a forward
     # loop instead and reverse the steps one by one: the same exact gradient, Nt states
     # instead of Nt steps of internals, one extra step of compute per step.
-    y0, args = residuals
-    step = make_step(spec.tableau, vector_field, spec.dt)
-    ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
-    return _reverse_storing_all(step, spec, args, 0, spec.num_steps, y0, ct_y1, ct_args)
+    return _checkpointed_bwd(vector_field, spec, spec.num_steps, residuals, ct_y1)
   # Tie the recomputation to the incoming cotangent: it then runs in the backward pass, one
   # block at a time, and XLA cannot merge it with the forward pass (see tree_barrier).
   y0, args, ct_y1 = _loop.tree_barrier(*residuals, ct_y1)
@@ -173,6 +170,8 @@ def _revolve_table(num_steps: int, free_slots: int) -> tuple[tuple[int, ...], ..
 
 
 def _revolve_split(num_steps: int, free_slots: int) -> int:
+  if free_slots >= num_steps - 1:
+    return 1  # every state fits: store each one (skips the O(T² S) table)
   return _revolve_table(num_steps, free_slots)[free_slots][num_steps]
 
 
@@ -194,14 +193,18 @@ def _step_vjp(step: StepFn, spec: SolveSpec, n: int, y_n, args, ct_next, ct_args
   return ct_y, _tree_add(ct_args, ct_a)
 
 
+_MAX_RECURSIVE_STORE = 256
+
+
 def _reverse_segment(step, spec, args, first, last, y_first, ct_last, free_slots, ct_args):
   """Backpropagates ct_last through steps first..last-1 holding at most free_slots+1 states."""
   if last - first == 1:
     return _step_vjp(step, spec, first, y_first, args, ct_last, ct_args)
-  if free_slots >= last - first - 1 and not spec.unroll:
-    # Long solves: one looped forward stores every input (bounded compile time). Short ones
-    # take the recursion below, which then advances one unrolled step at a time: measured
-    # 28 vs 58 states at L=8, Nt=4, k=4 (the loop's stacked buffers cost extra).
+  if free_slots >= last - first - 1 and last - first > _MAX_RECURSIVE_STORE:
+    # Very long solves: one looped forward stores every input (the recursion below would be
+    # Nt Python frames deep). Otherwise the recursion advances one step at a time into
+    # separate buffers: XLA reused those across blocks but not a loop's stacked output
+    # (L=8, Nt=4, k=4: 28 vs 58 states; anode at L=8, Nt=64: 538 states with the loop).
     return _reverse_storing_all(step, spec, args, first, last, y_first, ct_last, ct_args)
   if free_slots == 0:
     # No slot: every step's input is recomputed from y_first (quadratic compute, O(1) memory).
