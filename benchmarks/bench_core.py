@@ -15,8 +15,9 @@ measured in the same run (these machines are noisy).
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -97,11 +98,56 @@ def measure(loss, z0, params, repeats):
   return {"temp_bytes": temp, "compile_s": compile_s, "step_s": seconds}, grads
 
 
+def diffrax_rows(state_bytes, repeats):
+  """anode-jax vs diffrax on the same network, solver (Heun, which both have) and steps."""
+  num_blocks, num_steps, solver = 8, 4, "heun"
+  z0, params = make_problem(num_blocks)
+  theirs, theirs_grads = measure(diffrax_loss(num_steps, solver), z0, params, repeats)
+  out = []
+  for adjoint in ("anode", "checkpointed:2"):
+    ours, ours_grads = measure(make_loss(num_steps, adjoint, solver), z0, params, repeats)
+    row = {
+        "blocks": num_blocks, "num_steps": num_steps, "solver": solver, "strategy": adjoint,
+        "anode_step_s": ours["step_s"], "diffrax_step_s": theirs["step_s"],
+        "speedup": theirs["step_s"] / ours["step_s"],
+        "anode_temp_state_sizes": ours["temp_bytes"] / state_bytes,
+        "diffrax_temp_state_sizes": theirs["temp_bytes"] / state_bytes,
+        "anode_compile_s": ours["compile_s"], "diffrax_compile_s": theirs["compile_s"],
+        "grad_rel_difference": rel_error(ours_grads, theirs_grads),
+    }
+    out.append(row)
+    print(f"diffrax {solver} vs {adjoint}: ours {ours['step_s']*1e3:.1f} ms "
+          f"{row['anode_temp_state_sizes']:.1f} states, diffrax {theirs['step_s']*1e3:.1f} ms "
+          f"{row['diffrax_temp_state_sizes']:.1f} states, speedup {row['speedup']:.1f}x", flush=True)
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="L in {2, 8}, Nt in {1, 4, 16}; fewer repeats")
   parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the rows of an interrupted run in docs/bench_core.json")
+  parser.add_argument("--skip", action="append", default=[], metavar="L:NT:STRATEGY[=REASON]",
+                      help="do not measure this row; it is recorded as skipped with REASON")
+  parser.add_argument("--diffrax_only", action="store_true",
+                      help="re-measure only the diffrax comparison; keep the other tables")
   args = parser.parse_args()
+  if args.diffrax_only:
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "bench_core.json")) as f:
+      payload = json.load(f)
+    z0, _ = make_problem(1)
+    payload["diffrax"] = diffrax_rows(z0.size * z0.dtype.itemsize, args.repeats or 5)
+    _common.write_results("bench_core", payload, to_markdown(payload))
+    return
+  skip = {}
+  for item in args.skip:
+    row, _, reason = item.partition("=")
+    skip[tuple(row.split(":", 2))] = reason or "not measured"
+  previous = {}
+  if args.resume:
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "bench_core.json")) as f:
+      previous = {(r["blocks"], r["num_steps"], r["strategy"]): r for r in json.load(f)["rows"]}
   blocks = (2, 8)
   steps = (1, 4, 16) if args.quick else (1, 4, 16, 64)
   repeats = args.repeats or (3 if args.quick else 5)
@@ -115,6 +161,20 @@ def main():
       ref_grads = None
       ref = None
       for adjoint in STRATEGIES:
+        key = (num_blocks, num_steps, adjoint)
+        if (str(num_blocks), str(num_steps), adjoint) in skip:
+          reason = skip[(str(num_blocks), str(num_steps), adjoint)]
+          rows.append({"blocks": num_blocks, "num_steps": num_steps, "strategy": adjoint,
+                       "skipped": reason})
+          print(f"L={num_blocks} Nt={num_steps:3d} {adjoint:15s} skipped: {reason}", flush=True)
+          continue
+        if key in previous and (adjoint != "direct" or all(
+            (num_blocks, num_steps, s) in previous or (str(num_blocks), str(num_steps), s) in skip
+            for s in STRATEGIES)):
+          rows.append(previous[key])
+          if adjoint == "direct":
+            ref = previous[key]
+          continue
         # direct and backsolve differentiate (or run VJPs inside) their time loop; their fast
         # form on XLA:CPU is unrolled at every Nt (see the loop table). anode and checkpointed
         # run with the library defaults.
@@ -122,6 +182,8 @@ def main():
         result, grads = measure(make_loss(num_steps, adjoint, unroll=unroll), z0, params, repeats)
         if adjoint == "direct":
           ref, ref_grads = result, grads
+        elif ref_grads is None:  # resumed: the reference row was kept, its gradients were not
+          _, ref_grads = measure(make_loss(num_steps, "direct", unroll=True), z0, params, 1)
         result.update(
             blocks=num_blocks, num_steps=num_steps, strategy=adjoint,
             temp_state_sizes=result["temp_bytes"] / state_bytes,
@@ -141,24 +203,7 @@ def main():
             flush=True,
         )
 
-  # diffrax at the same network, solver and step count (Heun: a tableau both libraries have).
-  diffrax_rows = []
-  num_blocks, num_steps = 8, 4
-  z0, params = make_problem(num_blocks)
-  for solver in ("heun",):
-    ours, ours_grads = measure(make_loss(num_steps, "anode", solver), z0, params, repeats)
-    theirs, theirs_grads = measure(diffrax_loss(num_steps, solver), z0, params, repeats)
-    row = {
-        "blocks": num_blocks, "num_steps": num_steps, "solver": solver,
-        "anode_step_s": ours["step_s"], "diffrax_step_s": theirs["step_s"],
-        "speedup": theirs["step_s"] / ours["step_s"],
-        "anode_temp_state_sizes": ours["temp_bytes"] / state_bytes,
-        "diffrax_temp_state_sizes": theirs["temp_bytes"] / state_bytes,
-        "anode_compile_s": ours["compile_s"], "diffrax_compile_s": theirs["compile_s"],
-        "grad_rel_difference": rel_error(ours_grads, theirs_grads),
-    }
-    diffrax_rows.append(row)
-    print(f"diffrax {solver}: ours {ours['step_s']*1e3:.1f} ms, diffrax {theirs['step_s']*1e3:.1f} ms, speedup {row['speedup']:.1f}x", flush=True)
+  diffrax_results = diffrax_rows(state_bytes, repeats)
 
   # Unrolled vs looped time loop (the measurement behind DEFAULT_MAX_UNROLL).
   loop_rows = []
@@ -179,7 +224,7 @@ def main():
             f"{row['scan_compile_s']:.1f} s compile", flush=True)
 
   payload = {"machine": _common.machine(), "quick": args.quick, "state_bytes": state_bytes,
-             "rows": rows, "diffrax": diffrax_rows, "loops": loop_rows, "complete": True}
+             "rows": rows, "diffrax": diffrax_results, "loops": loop_rows, "complete": True}
   _common.write_results("bench_core", payload, to_markdown(payload))
 
 
@@ -205,17 +250,21 @@ def to_markdown(payload) -> str:
       "|---|---|---|---|---|---|---|---|---|",
   ]
   for r in payload["rows"]:
+    if "skipped" in r:
+      lines.append(f"| {r['blocks']} | {r['num_steps']} | {r['strategy']} | – | – | – | – | – | "
+                   f"skipped: {r['skipped']} |")
+      continue
     lines.append(
         f"| {r['blocks']} | {r['num_steps']} | {r['strategy']} | {r['temp_state_sizes']:.1f} | "
         f"{r['memory_ratio']:.3f} | {r['step_s']*1e3:.1f} | {r['time_ratio']:.2f} | "
         f"{r['compile_s']:.1f} | {r['grad_rel_error']:.1e} |"
     )
   lines += ["", "## Against diffrax (same network, solver and steps; RecursiveCheckpointAdjoint)", "",
-            "| L | Nt | solver | anode-jax (ms) | diffrax (ms) | speed-up | anode-jax temp (states) | diffrax temp (states) | compile ours / diffrax (s) | grad difference |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| L | Nt | solver | anode-jax strategy | anode-jax (ms) | diffrax (ms) | speed-up | anode-jax temp (states) | diffrax temp (states) | compile ours / diffrax (s) | grad difference |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in payload["diffrax"]:
     lines.append(
-        f"| {r['blocks']} | {r['num_steps']} | {r['solver']} | {r['anode_step_s']*1e3:.1f} | "
+        f"| {r['blocks']} | {r['num_steps']} | {r['solver']} | {r.get('strategy', 'anode')} | {r['anode_step_s']*1e3:.1f} | "
         f"{r['diffrax_step_s']*1e3:.1f} | {r['speedup']:.1f}× | {r['anode_temp_state_sizes']:.1f} | "
         f"{r['diffrax_temp_state_sizes']:.1f} | {r['anode_compile_s']:.1f} / {r['diffrax_compile_s']:.1f} | "
         f"{r['grad_rel_difference']:.1e} |"
