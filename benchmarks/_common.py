@@ -11,8 +11,8 @@ import time
 import jax
 
 
-def compiled_temp_bytes(fn, *args) -> tuple[int, float]:
-  """(temp bytes of the compiled program, compile seconds) for jax.jit(fn)(*args)."""
+def compiled_temp_bytes(fn, *args):
+  """(temp bytes, compile seconds, compiled executable) for jax.jit(fn)(*args)."""
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   seconds = time.perf_counter() - start
@@ -32,8 +32,6 @@ def median_seconds(compiled, *args, repeats: int = 5, warmup: int = 1) -> float:
 
 
 def machine() -> dict:
-  import flax  # noqa: F401 (version only)
-
   info = {
       "python": platform.python_version(),
       "jax": jax.__version__,

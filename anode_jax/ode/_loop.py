@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from anode_jax._typing import PyTree, StepFn
@@ -92,9 +93,6 @@ def tree_barrier(*trees):
 
 def zeros_like_cotangent(x):
   """A zero cotangent for a primal leaf: float0 for integer/bool leaves, zeros otherwise."""
-  x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-  if jnp.issubdtype(x.dtype, jnp.inexact):
+  if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
     return jnp.zeros_like(x)
-  import numpy as np  # float0 cotangents must be NumPy arrays.
-
-  return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+  return np.zeros(np.shape(x), dtype=jax.dtypes.float0)  # float0 cotangents are NumPy arrays
