@@ -15,9 +15,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:resnet4-anode.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, summary.json, plots.")
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/cifar10.py:resnet4-anode.", lock_config=True
+)
+flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics.jsonl, summary.json, plots."
+)
 flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workdir and exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -33,7 +36,7 @@ def _override_keys(argv):
             continue
         for prefix in ("config.", "noconfig."):
             if name.startswith(prefix):
-                keys.append(name[len(prefix):])
+                keys.append(name[len(prefix) :])
     return keys
 
 

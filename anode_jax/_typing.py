@@ -1,6 +1,7 @@
 """Type aliases used across anode-jax."""
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

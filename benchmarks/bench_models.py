@@ -31,9 +31,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _common  # noqa: E402
+import _common
 
-from anode_jax.models import count_params, create_model  # noqa: E402
+from anode_jax.models import count_params, create_model
 
 # (label, create_model kwargs)
 CONFIGS = (
@@ -54,8 +54,9 @@ def make_train_step(model, tx):
 
     def step(params, batch_stats, opt_state, x, y):
         def loss_fn(p):
-            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                          mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates["batch_stats"]
 
@@ -69,7 +70,9 @@ def make_train_step(model, tx):
 def abstract_variables(model, batch):
     """Shapes of the variables (init traced, never run)."""
     x = jax.ShapeDtypeStruct((batch,) + IMAGE, jnp.float32)
-    return jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False), x)
+    return jax.eval_shape(
+        lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False), x
+    )
 
 
 def concrete_variables(shapes, seed=0):
@@ -109,9 +112,13 @@ def step_arguments(model, tx, batch, concrete):
 
 def measure(name, kwargs, args, tx):
     row = {"model": name}
-    full = create_model(name, num_classes=NUM_CLASSES, num_steps=2, width=args.memory_width, **kwargs)
+    full = create_model(
+        name, num_classes=NUM_CLASSES, num_steps=2, width=args.memory_width, **kwargs
+    )
     step = make_train_step(full, tx)
-    mem_args, row["params_memory_width"] = step_arguments(full, tx, args.memory_batch, concrete=False)
+    mem_args, row["params_memory_width"] = step_arguments(
+        full, tx, args.memory_batch, concrete=False
+    )
     row["temp_bytes"], row["compile_s_memory"], _ = _common.compiled_temp_bytes(step, *mem_args)
 
     model = create_model(name, num_classes=NUM_CLASSES, num_steps=2, width=args.width, **kwargs)
@@ -126,17 +133,29 @@ def measure(name, kwargs, args, tx):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="time at batch 16, width 0.25, 3 repeats (memory stays at full size)")
-    parser.add_argument("--batch", type=int, default=None, help="timing batch (default 128; 16 with --quick)")
-    parser.add_argument("--width", type=float, default=None, help="timing width (default 1.0; 0.25 with --quick)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="time at batch 16, width 0.25, 3 repeats (memory stays at full size)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="timing batch (default 128; 16 with --quick)"
+    )
+    parser.add_argument(
+        "--width", type=float, default=None, help="timing width (default 1.0; 0.25 with --quick)"
+    )
     parser.add_argument("--memory-batch", type=int, default=128)
     parser.add_argument("--memory-width", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--markdown-only", action="store_true",
-                        help="re-render docs/bench_models.md from docs/bench_models.json, measure nothing")
+    parser.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="re-render docs/bench_models.md from docs/bench_models.json, measure nothing",
+    )
     args = parser.parse_args()
     if args.markdown_only:
         with open(os.path.join(os.path.dirname(__file__), "..", "docs", "bench_models.json")) as f:
@@ -154,27 +173,51 @@ def main():
             row = measure(name, kwargs, args, tx)
             row["config"] = label
             rows.append(row)
-            print(f"{name:7s} {label:24s} {row['images_per_s']:8.1f} img/s  step {row['step_s']*1e3:8.1f} ms  "
-                  f"temp {row['temp_bytes']/2**20:8.1f} MiB  params {row['params']}  "
-                  f"compile {row['compile_s']:.1f}s/{row['compile_s_memory']:.1f}s", flush=True)
+            print(
+                f"{name:7s} {label:24s} {row['images_per_s']:8.1f} img/s  step {row['step_s'] * 1e3:8.1f} ms  "
+                f"temp {row['temp_bytes'] / 2**20:8.1f} MiB  params {row['params']}  "
+                f"compile {row['compile_s']:.1f}s/{row['compile_s_memory']:.1f}s",
+                flush=True,
+            )
 
     ratios = []
     for name in args.models.split(","):
         by = {r["config"]: r for r in rows if r["model"] == name}
-        for num, den, target in (("ode euler anode", "ode euler direct", 1.4), ("ode rk4 anode", "ode rk4 direct", 1.4),
-                                 ("anodev2 rda euler anode", "ode euler anode", 1.25)):
-            ratios.append({
-                "model": name, "numerator": num, "denominator": den, "target_time_ratio": target,
-                "time_ratio": by[num]["step_s"] / by[den]["step_s"],
-                "memory_ratio": by[num]["temp_bytes"] / by[den]["temp_bytes"],
-            })
+        for num, den, target in (
+            ("ode euler anode", "ode euler direct", 1.4),
+            ("ode rk4 anode", "ode rk4 direct", 1.4),
+            ("anodev2 rda euler anode", "ode euler anode", 1.25),
+        ):
+            ratios.append(
+                {
+                    "model": name,
+                    "numerator": num,
+                    "denominator": den,
+                    "target_time_ratio": target,
+                    "time_ratio": by[num]["step_s"] / by[den]["step_s"],
+                    "memory_ratio": by[num]["temp_bytes"] / by[den]["temp_bytes"],
+                }
+            )
     import flax
 
     machine = {**_common.machine(), "flax": flax.__version__, "optax": optax.__version__}
-    payload = {"machine": machine, "settings": {
-        "command": " ".join(["benchmarks/bench_models.py"] + sys.argv[1:]), "quick": args.quick, "batch": args.batch, "width": args.width, "repeats": args.repeats,
-        "memory_batch": args.memory_batch, "memory_width": args.memory_width, "num_steps": 2,
-        "image": IMAGE, "optimizer": "sgd(0.1, momentum=0.9)"}, "rows": rows, "ratios": ratios}
+    payload = {
+        "machine": machine,
+        "settings": {
+            "command": " ".join(["benchmarks/bench_models.py"] + sys.argv[1:]),
+            "quick": args.quick,
+            "batch": args.batch,
+            "width": args.width,
+            "repeats": args.repeats,
+            "memory_batch": args.memory_batch,
+            "memory_width": args.memory_width,
+            "num_steps": 2,
+            "image": IMAGE,
+            "optimizer": "sgd(0.1, momentum=0.9)",
+        },
+        "rows": rows,
+        "ratios": ratios,
+    }
     _common.write_results("bench_models", payload, to_markdown(payload))
 
 
@@ -191,8 +234,12 @@ def to_markdown(payload) -> str:
         "",
         f"Throughput: batch {s['batch']}, width {s['width']}, 32×32×3 inputs, median of {s['repeats']} "
         "jitted training steps (forward, backward, SGD-momentum, batch_stats) after one warm-up."
-        + (" **Reduced settings**: the full batch 128 / width 1.0 takes tens of seconds per step "
-           "on this 2-core CPU machine; the ratios, not the absolute rates, are the result." if reduced else ""),
+        + (
+            " **Reduced settings**: the full batch 128 / width 1.0 takes tens of seconds per step "
+            "on this 2-core CPU machine; the ratios, not the absolute rates, are the result."
+            if reduced
+            else ""
+        ),
         f"Memory: compiled temp bytes of the same step at batch {s['memory_batch']}, width {s['memory_width']} "
         "(compile only). Nt = 2 for every ODE block.",
         "",
@@ -200,13 +247,23 @@ def to_markdown(payload) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
-        lines.append(f"| {r['model']} | {r['config']} | {r['params']:,} | {r['images_per_s']:.1f} | "
-                     f"{r['step_s']*1e3:.1f} | {r['temp_bytes']/2**20:.1f} | {r['compile_s']:.1f} |")
-    lines += ["", "## Ratios", "", "| model | ratio | time | target (time) | memory |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['params']:,} | {r['images_per_s']:.1f} | "
+            f"{r['step_s'] * 1e3:.1f} | {r['temp_bytes'] / 2**20:.1f} | {r['compile_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Ratios",
+        "",
+        "| model | ratio | time | target (time) | memory |",
+        "|---|---|---|---|---|",
+    ]
     for r in payload["ratios"]:
         ok = "met" if r["time_ratio"] <= r["target_time_ratio"] else "**missed**"
-        lines.append(f"| {r['model']} | {r['numerator']} / {r['denominator']} | {r['time_ratio']:.2f}× | "
-                     f"≤ {r['target_time_ratio']}× ({ok}) | {r['memory_ratio']:.2f}× |")
+        lines.append(
+            f"| {r['model']} | {r['numerator']} / {r['denominator']} | {r['time_ratio']:.2f}× | "
+            f"≤ {r['target_time_ratio']}× ({ok}) | {r['memory_ratio']:.2f}× |"
+        )
     lines.append("")
     return "\n".join(lines)
 

@@ -36,12 +36,19 @@ from anode_jax.data import Dataset, TrainOrder, load_dataset  # noqa: E402
 from anode_jax.data.cifar import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 from anode_jax.training import sharding as shd  # noqa: E402
 from anode_jax.training.loop import compile_steps, init_state  # noqa: E402
-from anode_jax.training.train_state import (build_model, make_lr_schedule, make_optimizer,  # noqa: E402
-                                            param_count)
+from anode_jax.training.train_state import (  # noqa: E402
+    build_model,
+    make_lr_schedule,
+    make_optimizer,
+    param_count,
+)
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
-DEFAULT_CONFIGS = ("configs/default.py", "configs/cifar10.py:resnet4-anode",
-                   "configs/cifar10.py:resnet-anode")
+DEFAULT_CONFIGS = (
+    "configs/default.py",
+    "configs/cifar10.py:resnet4-anode",
+    "configs/cifar10.py:resnet-anode",
+)
 
 
 def load_config(spec: str):
@@ -56,15 +63,26 @@ def dataset_for(config, n_needed: int) -> tuple[Dataset, str]:
     if config.data.name == "digits":
         return load_dataset("digits"), "digits"
     if config.data.name == "cifar10" and os.path.isdir(SHARED):
-        return load_dataset("cifar10", SHARED, train_size=max(n_needed, 1024),
-                            test_size=1024), "shared CIFAR-10 subset"
+        return load_dataset(
+            "cifar10", SHARED, train_size=max(n_needed, 1024), test_size=1024
+        ), "shared CIFAR-10 subset"
     rng = np.random.default_rng(0)
     n = max(n_needed, 1024)
     classes = 100 if config.data.name == "cifar100" else 10
     x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, classes, n).astype(np.int32)
-    return Dataset(config.data.name, x, y, x[:1024], y[:1024], classes, 1 / 255, CIFAR_MEAN,
-                   CIFAR_STD, "synthetic"), "synthetic random images"
+    return Dataset(
+        config.data.name,
+        x,
+        y,
+        x[:1024],
+        y[:1024],
+        classes,
+        1 / 255,
+        CIFAR_MEAN,
+        CIFAR_STD,
+        "synthetic",
+    ), "synthetic random images"
 
 
 def timed(fn):
@@ -124,14 +142,25 @@ def bench(spec: str, steps: int, batch_size: int | None, width: float | None) ->
     timed(lambda: ecomp(state, *args))
     etimes = [timed(lambda: ecomp(state, *args))[1] for _ in range(3)]
     return {
-        "config": spec, "model": config.model.name, "method": config.model.method,
-        "width": config.model.width, "num_steps": config.model.num_steps,
-        "params": param_count(state.params), "batch_size": bs, "data_source": source,
+        "config": spec,
+        "model": config.model.name,
+        "method": config.model.method,
+        "width": config.model.width,
+        "num_steps": config.model.num_steps,
+        "params": param_count(state.params),
+        "batch_size": bs,
+        "data_source": source,
         "devices": f"{len(mesh.devices.flat)}x {jax.default_backend()}",
-        "data_load_s": t_data, "init_s": t_init, "train_compile_s": t_compile,
-        "first_step_s": t_first, "step_s": step_s, "step_s_min": min(times),
-        "images_per_sec": bs / step_s, "batch_prep_ms": 1e3 * statistics.median(prep),
-        "eval_compile_s": t_ecompile, "eval_batch_size": ebs,
+        "data_load_s": t_data,
+        "init_s": t_init,
+        "train_compile_s": t_compile,
+        "first_step_s": t_first,
+        "step_s": step_s,
+        "step_s_min": min(times),
+        "images_per_sec": bs / step_s,
+        "batch_prep_ms": 1e3 * statistics.median(prep),
+        "eval_compile_s": t_ecompile,
+        "eval_batch_size": ebs,
         "eval_images_per_sec": ebs / statistics.median(etimes),
         "final_loss": float(m["loss"]),
     }
@@ -170,14 +199,18 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
     print()
-    print("| config | params | batch | images/s | step (ms) | batch prep (ms) | train compile (s) "
-          "| init (s) | eval images/s | data |")
+    print(
+        "| config | params | batch | images/s | step (ms) | batch prep (ms) | train compile (s) "
+        "| init (s) | eval images/s | data |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| `{r['config'].replace('configs/', '')}` | {r['params']:,} | {r['batch_size']} "
-              f"| {r['images_per_sec']:.0f} | {1e3 * r['step_s']:.1f} | {r['batch_prep_ms']:.2f} "
-              f"| {r['train_compile_s']:.1f} | {r['init_s']:.1f} "
-              f"| {r['eval_images_per_sec']:.0f} | {r['data_source']} |")
+        print(
+            f"| `{r['config'].replace('configs/', '')}` | {r['params']:,} | {r['batch_size']} "
+            f"| {r['images_per_sec']:.0f} | {1e3 * r['step_s']:.1f} | {r['batch_prep_ms']:.2f} "
+            f"| {r['train_compile_s']:.1f} | {r['init_s']:.1f} "
+            f"| {r['eval_images_per_sec']:.0f} | {r['data_source']} |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

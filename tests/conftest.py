@@ -12,28 +12,30 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "
 os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")  # headless: notebooks and plots never open windows
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import numpy as np
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture
 def x64():
-  """Runs the test with jax_enable_x64 (float64 arrays and time)."""
-  with jax.enable_x64(True):
-    yield
+    """Runs the test with jax_enable_x64 (float64 arrays and time)."""
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture
 def key():
-  return jax.random.PRNGKey(0)
+    return jax.random.PRNGKey(0)
 
 
 def tree_allclose(actual, expected, *, rtol, atol=0.0):
-  """Asserts two pytrees have the same structure and allclose leaves."""
-  assert jax.tree.structure(actual) == jax.tree.structure(expected), (
-      jax.tree.structure(actual), jax.tree.structure(expected))
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+    """Asserts two pytrees have the same structure and allclose leaves."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), (
+        jax.tree.structure(actual),
+        jax.tree.structure(expected),
+    )
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)

@@ -12,19 +12,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anode_jax.data import (DataError, TrainOrder, UnsafePickleError, eval_batches,
-                            load_dataset, pad_batch, preprocess, random_crop_flip, resolve_layout,
-                            safe_loads)
+from anode_jax.data import (
+    DataError,
+    TrainOrder,
+    UnsafePickleError,
+    eval_batches,
+    load_dataset,
+    pad_batch,
+    preprocess,
+    random_crop_flip,
+    resolve_layout,
+    safe_loads,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 needs_shared_cifar10 = pytest.mark.skipif(
     not (SHARED_CIFAR10 / "cifar-10-batches-py" / "test_batch").exists(),
     reason=f"shared CIFAR-10 subset not found at {SHARED_CIFAR10}/cifar-10-batches-py "
-           "(see /work/shared/data/README.md)")
+    "(see /work/shared/data/README.md)",
+)
 
 
 # ------------------------------------------------------------------ helpers: write layouts
+
 
 def _images(n, seed):
     return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
@@ -43,11 +54,14 @@ def write_cifar10_python(root, train_batches, test, *, protocol=2):
     d = Path(root) / "cifar-10-batches-py"
     d.mkdir(parents=True)
     for i, (x, y) in enumerate(train_batches, 1):
-        _write_pickle(d / f"data_batch_{i}", {b"batch_label": b"training batch",
-                                              b"labels": list(map(int, y)),
-                                              b"data": _planes(x)}, protocol)
-    _write_pickle(d / "test_batch", {b"labels": list(map(int, test[1])),
-                                     b"data": _planes(test[0])}, protocol)
+        _write_pickle(
+            d / f"data_batch_{i}",
+            {b"batch_label": b"training batch", b"labels": list(map(int, y)), b"data": _planes(x)},
+            protocol,
+        )
+    _write_pickle(
+        d / "test_batch", {b"labels": list(map(int, test[1])), b"data": _planes(test[0])}, protocol
+    )
     _write_pickle(d / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     return d
 
@@ -56,12 +70,22 @@ def write_cifar100_python(root, train, test):
     d = Path(root) / "cifar-100-python"
     d.mkdir(parents=True)
     for name, (x, y) in (("train", train), ("test", test)):
-        _write_pickle(d / name, {b"filenames": [b"x.png"] * len(y),
-                                 b"fine_labels": list(map(int, y)),
-                                 b"coarse_labels": [int(v) // 5 for v in y],
-                                 b"data": _planes(x)})
-    _write_pickle(d / "meta", {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                               b"coarse_label_names": [f"k{i}".encode() for i in range(20)]})
+        _write_pickle(
+            d / name,
+            {
+                b"filenames": [b"x.png"] * len(y),
+                b"fine_labels": list(map(int, y)),
+                b"coarse_labels": [int(v) // 5 for v in y],
+                b"data": _planes(x),
+            },
+        )
+    _write_pickle(
+        d / "meta",
+        {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"k{i}".encode() for i in range(20)],
+        },
+    )
     return d
 
 
@@ -97,6 +121,7 @@ def small10():
 
 # ------------------------------------------------------------------ digits
 
+
 def test_digits_fixed_stratified_split():
     ds = load_dataset("digits")
     assert ds.train_images.shape == (1437, 8, 8, 1) and ds.test_images.shape == (360, 8, 8, 1)
@@ -109,8 +134,9 @@ def test_digits_fixed_stratified_split():
     tr = {x.tobytes() + bytes([y]) for x, y in zip(ds.train_images, ds.train_labels)}
     te = [x.tobytes() + bytes([y]) for x, y in zip(ds.test_images, ds.test_labels)]
     assert sum(t in tr for t in te) <= 2  # the digits set has a couple of exact duplicates
-    x = np.asarray(preprocess(ds.train_images, key=None, pixel_scale=ds.pixel_scale,
-                              mean=ds.mean, std=ds.std))
+    x = np.asarray(
+        preprocess(ds.train_images, key=None, pixel_scale=ds.pixel_scale, mean=ds.mean, std=ds.std)
+    )
     assert abs(x.mean()) < 1e-3 and abs(x.std() - 1) < 1e-3
 
 
@@ -126,6 +152,7 @@ def test_subset_and_unknown_dataset():
 
 
 # ------------------------------------------------------------------ CIFAR local layouts
+
 
 @needs_shared_cifar10
 def test_shared_cifar10_subset():
@@ -209,21 +236,29 @@ def test_truncated_and_corrupt_files(tmp_path, small10):
     with pytest.raises(DataError, match="data_batch_1"):
         load_dataset("cifar10", str(d))
     _write_pickle(d / "data_batch_1", {b"data": np.zeros((3, 100), np.uint8), b"labels": [0] * 3})
-    with pytest.raises(DataError, match=r"data_batch_1: b'data' is a uint8 array of shape \(3, 100\)"):
+    with pytest.raises(
+        DataError, match=r"data_batch_1: b'data' is a uint8 array of shape \(3, 100\)"
+    ):
         load_dataset("cifar10", str(d))
-    _write_pickle(d / "data_batch_1", {b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 12]})
+    _write_pickle(
+        d / "data_batch_1", {b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 12]}
+    )
     with pytest.raises(DataError, match=r"data_batch_1: labels outside \[0, 10\)"):
         load_dataset("cifar10", str(d))
 
     b = write_cifar10_binary(tmp_path / "b", train, test)
     raw = (b / "test_batch.bin").read_bytes()
     (b / "test_batch.bin").write_bytes(raw[:-100])
-    with pytest.raises(DataError, match=r"test_batch.bin: size \d+ bytes is not a positive multiple "
-                                        r"of the 3073-byte record"):
+    with pytest.raises(
+        DataError,
+        match=r"test_batch.bin: size \d+ bytes is not a positive multiple "
+        r"of the 3073-byte record",
+    ):
         load_dataset("cifar10", str(b))
 
 
 # ------------------------------------------------------------------ restricted unpickler
+
 
 class _Evil:
     def __init__(self, target):
@@ -236,7 +271,9 @@ class _Evil:
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, small10):
     target = tmp_path / "pwned"
     payload = pickle.dumps({b"data": _Evil(target), b"labels": [0]}, protocol=2)
-    with pytest.raises(UnsafePickleError, match=r"refusing to unpickle global '(posix|os|nt)\.system'"):
+    with pytest.raises(
+        UnsafePickleError, match=r"refusing to unpickle global '(posix|os|nt)\.system'"
+    ):
         safe_loads(payload)
     assert not target.exists()
     # Same payload disguised as a CIFAR batch: the loader refuses it too.
@@ -251,9 +288,16 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, small10):
     assert target.exists()
 
 
-@pytest.mark.parametrize("module,name", [("builtins", "eval"), ("builtins", "exec"),
-                                         ("subprocess", "Popen"), ("numpy", "load"),
-                                         ("builtins", "getattr")])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("builtins", "eval"),
+        ("builtins", "exec"),
+        ("subprocess", "Popen"),
+        ("numpy", "load"),
+        ("builtins", "getattr"),
+    ],
+)
 def test_unpickler_refuses_other_globals(module, name):
     payload = b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"q\x00."
     with pytest.raises(UnsafePickleError, match=f"'{module}.{name}'"):
@@ -261,8 +305,13 @@ def test_unpickler_refuses_other_globals(module, name):
 
 
 def test_unpickler_admits_containers_and_arrays():
-    obj = {b"a": [1, 2.5, None, True, (b"x", "y")], "s": {3}, b"arr": np.arange(6).reshape(2, 3),
-           b"f": np.float32(1.5), b"u8": np.zeros((2, 2), np.uint8)}
+    obj = {
+        b"a": [1, 2.5, None, True, (b"x", "y")],
+        "s": {3},
+        b"arr": np.arange(6).reshape(2, 3),
+        b"f": np.float32(1.5),
+        b"u8": np.zeros((2, 2), np.uint8),
+    }
     for protocol in (2, 4, 5):
         out = safe_loads(pickle.dumps(obj, protocol=protocol))
         np.testing.assert_array_equal(out[b"arr"], obj[b"arr"])
@@ -271,9 +320,12 @@ def test_unpickler_admits_containers_and_arrays():
 
 # ------------------------------------------------------------------ tfds fallback (no network)
 
+
 def test_tfds_unavailable_suggests_data_dir(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails, no network
-    with pytest.raises(DataError, match=r"data.dir is empty.*--config.data.dir=.*cifar-10-batches-py"):
+    with pytest.raises(
+        DataError, match=r"data.dir is empty.*--config.data.dir=.*cifar-10-batches-py"
+    ):
         load_dataset("cifar10", "")
 
 
@@ -285,6 +337,7 @@ def test_resolve_layout_prefers_named_folder(tmp_path, small10):
 
 
 # ------------------------------------------------------------------ order and augmentation
+
 
 def test_train_order_is_a_resumable_permutation():
     order = TrainOrder(103, 10, seed=3)
@@ -317,7 +370,7 @@ def test_random_crop_flip_is_a_shifted_window_and_deterministic():
     padded = np.pad(np.asarray(imgs), ((0, 0), (2, 2), (2, 2), (0, 0)))
     flips = 0
     for i in range(64):
-        windows = [padded[i, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        windows = [padded[i, a : a + 8, b : b + 8] for a in range(5) for b in range(5)]
         plain = any(np.array_equal(out[i], w) for w in windows)
         flipped = any(np.array_equal(out[i], w[:, ::-1]) for w in windows)
         assert plain or flipped, i
@@ -329,6 +382,15 @@ def test_preprocess_zero_padding_is_black_before_normalization():
     x = jnp.full((4, 4, 4, 3), 255, jnp.uint8)
     out = preprocess(x, key=None, pixel_scale=1 / 255, mean=(0.5, 0.5, 0.5), std=(0.25,) * 3)
     np.testing.assert_allclose(np.asarray(out), 2.0, rtol=1e-6)
-    aug = np.asarray(preprocess(x, key=jax.random.key(1), pixel_scale=1 / 255,
-                                mean=(0.5,) * 3, std=(0.25,) * 3, crop_pad=2, flip=True))
+    aug = np.asarray(
+        preprocess(
+            x,
+            key=jax.random.key(1),
+            pixel_scale=1 / 255,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            crop_pad=2,
+            flip=True,
+        )
+    )
     assert set(np.unique(aug).round(5)) <= {-2.0, 2.0} and (aug == -2.0).any()

@@ -78,8 +78,14 @@ def test_create_model_rejects_bad_arguments(kwargs, argument):
         create_model(name, **kwargs)
     if argument in ("name", "block", "q", "norm", "solver", "adjoint"):
         # The message lists the valid choices.
-        valid = {"name": MODEL_NAMES, "block": BLOCK_TYPES, "q": Q_NAMES, "norm": NORM_NAMES,
-                 "solver": ("euler", "rk4"), "adjoint": ("direct", "anode", "checkpointed")}
+        valid = {
+            "name": MODEL_NAMES,
+            "block": BLOCK_TYPES,
+            "q": Q_NAMES,
+            "norm": NORM_NAMES,
+            "solver": ("euler", "rk4"),
+            "adjoint": ("direct", "anode", "checkpointed"),
+        }
         for choice in valid[argument]:
             assert choice in str(info.value)
 
@@ -87,7 +93,9 @@ def test_create_model_rejects_bad_arguments(kwargs, argument):
 def test_create_model_accepts_objects_for_solver_and_adjoint():
     from anode_jax.ode import RK4, Checkpointed
 
-    model = create_model("resnet4", solver=RK4, adjoint=Checkpointed(num_checkpoints=2), width=1 / 16)
+    model = create_model(
+        "resnet4", solver=RK4, adjoint=Checkpointed(num_checkpoints=2), width=1 / 16
+    )
     _, logits = _abstract_init(model, jnp.zeros((2, 8, 8, 3)))
     assert logits.shape == (2, 10)
 
@@ -105,8 +113,13 @@ def _resnet_vf(c):
 
 
 def _sqnxt_vf(c):
-    return [(1, 1, c, c // 2, True), (1, 1, c // 2, c // 4, True), (1, 3, c // 4, c // 2, True),
-            (3, 1, c // 2, c // 2, True), (1, 1, c // 2, c, True)]
+    return [
+        (1, 1, c, c // 2, True),
+        (1, 1, c // 2, c // 4, True),
+        (1, 3, c // 4, c // 2, True),
+        (3, 1, c // 2, c // 2, True),
+        (1, 1, c // 2, c, True),
+    ]
 
 
 def _basic_block(cin, c, stride):
@@ -117,8 +130,13 @@ def _basic_block(cin, c, stride):
 def _sqnxt_block(cin, c, stride):
     r = 1.0 if stride == 2 else (0.25 if cin > c else 0.5)
     a = int(cin * r)
-    convs = [(1, 1, cin, a, True), (1, 1, a, a // 2, True), (1, 3, a // 2, a, True),
-             (3, 1, a, a, True), (1, 1, a, c, True)]
+    convs = [
+        (1, 1, cin, a, True),
+        (1, 1, a, a // 2, True),
+        (1, 3, a // 2, a, True),
+        (3, 1, a, a, True),
+        (1, 1, a, c, True),
+    ]
     return convs + ([(1, 1, cin, c, True)] if stride != 1 or cin != c else [])
 
 
@@ -127,7 +145,7 @@ def _layout(name, w, cin):
 
     Every conv listed is followed by a normalization with 2·C_out parameters.
     """
-    c = lambda n: int(n * w)  # noqa: E731  (w is chosen so that every product is integral)
+    c = lambda n: int(n * w)
     std, vfs = [], []
     if name == "small":
         std += [(3, 3, cin, c(32), False), (3, 3, c(32), c(64), False)]
@@ -155,8 +173,12 @@ def _layout(name, w, cin):
             prev = c(ch)
         return std, vfs, prev
     if name == "alexnet":
-        std += [(5, 5, cin, c(64), False), (5, 5, c(64), c(192), False),
-                (3, 3, c(192), c(384), False), (3, 3, c(384), c(256), False)]
+        std += [
+            (5, 5, cin, c(64), False),
+            (5, 5, c(64), c(192), False),
+            (3, 3, c(192), c(384), False),
+            (3, 3, c(384), c(256), False),
+        ]
         vfs.append([(3, 3, c(256), c(256), False)])
         return std, vfs, c(256)
     if name == "sqnxt":
@@ -189,7 +211,8 @@ def expected_counts(name, *, width, in_channels=3, num_classes=10):
 def _abstract_init(model, x):
     """(variables, eval-mode logits) as shapes: init runs the forward pass once anyway."""
     return jax.eval_shape(
-        lambda: model.init_with_output({"params": jax.random.PRNGKey(0)}, x, train=False))[::-1]
+        lambda: model.init_with_output({"params": jax.random.PRNGKey(0)}, x, train=False)
+    )[::-1]
 
 
 def _without_q(tree):
@@ -207,8 +230,12 @@ def test_parameter_counts_and_shapes(name):
     x = jnp.zeros((2, 8, 8, 3))
     expected = expected_counts(name, width=width)
     shapes = {}
-    for block, q, extra in [("residual", "rda", 0), ("ode", "rda", 0),
-                            ("coupled", "rda", expected["rda"]), ("coupled", "conv", expected["conv"])]:
+    for block, q, extra in [
+        ("residual", "rda", 0),
+        ("ode", "rda", 0),
+        ("coupled", "rda", expected["rda"]),
+        ("coupled", "conv", expected["conv"]),
+    ]:
         model = create_model(name, block=block, q=q, width=width)
         variables, logits = _abstract_init(model, x)
         assert logits.shape == (2, 10) and logits.dtype == jnp.float32
@@ -218,18 +245,28 @@ def test_parameter_counts_and_shapes(name):
         shapes[block, q] = jax.tree.map(lambda a: a.shape, _without_q(variables))
         if block == "ode":
             logits, updates = jax.eval_shape(
-                lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables)
+                lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables
+            )
             assert logits.shape == (2, 10)
-            assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
-    assert shapes["residual", "rda"] == shapes["ode", "rda"] == shapes["coupled", "rda"] == shapes["coupled", "conv"]
+            assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+                variables["batch_stats"]
+            )
+    assert (
+        shapes["residual", "rda"]
+        == shapes["ode", "rda"]
+        == shapes["coupled", "rda"]
+        == shapes["coupled", "conv"]
+    )
 
 
 def test_num_classes_and_input_channels():
     model = create_model("sqnxt", num_classes=100, width=0.25)
     x = jnp.zeros((3, 16, 16, 5))
     variables, logits = _abstract_init(model, x)
-    assert count_params(variables["params"]) == expected_counts(
-        "sqnxt", width=0.25, in_channels=5, num_classes=100)["params"]
+    assert (
+        count_params(variables["params"])
+        == expected_counts("sqnxt", width=0.25, in_channels=5, num_classes=100)["params"]
+    )
     assert logits.shape == (3, 100)
 
 
@@ -290,7 +327,8 @@ def test_init_values_of_a_block():
     variables = CoupledODEBlock(vf, q="rda").init(jax.random.PRNGKey(0), z)
     theta = variables["params"]["vector_field"]
     assert jax.tree.map(jnp.shape, theta) == jax.tree.map(
-        jnp.shape, vf.init(jax.random.PRNGKey(0), 0.0, z)["params"])
+        jnp.shape, vf.init(jax.random.PRNGKey(0), 0.0, z)["params"]
+    )
     assert float(jnp.std(theta["Conv_0"]["kernel"])) > 0.05
     stats = variables["batch_stats"]["vector_field"]
     for norm in ("BatchStatNorm_0", "BatchStatNorm_1"):
@@ -298,7 +336,11 @@ def test_init_values_of_a_block():
         np.testing.assert_array_equal(stats[norm]["var"], np.ones(4))
     q = variables["params"]["q"]["Conv_0"]["kernel"]
     np.testing.assert_allclose(jax.nn.softplus(q["diffusion"]), 0.1, rtol=1e-5)
-    assert not np.any(q["velocity"]) and not np.any(q["reaction_tanh"]) and not np.any(q["reaction_linear"])
+    assert (
+        not np.any(q["velocity"])
+        and not np.any(q["reaction_tanh"])
+        and not np.any(q["reaction_linear"])
+    )
 
 
 def test_group_norm_has_no_batch_stats():
@@ -306,7 +348,10 @@ def test_group_norm_has_no_batch_stats():
     x = _normal(0, (2, 8, 8, 1))
     variables = _variables(model, x, train=False)
     assert set(variables) == {"params"}
-    assert count_params(variables["params"]) == expected_counts("small", width=0.25, in_channels=1)["params"]
+    assert (
+        count_params(variables["params"])
+        == expected_counts("small", width=0.25, in_channels=1)["params"]
+    )
     train_logits = model.apply(variables, x, train=True)  # nothing to update: no mutable needed
     eval_logits = model.apply(variables, x, train=False)
     assert train_logits.shape == (2, 10)
@@ -356,9 +401,14 @@ def test_coupled_block_with_constant_weights_is_ode_block():
 
     def grads(block):
         def loss(params, z):
-            out, _ = block.apply({"params": params, "batch_stats": variables["batch_stats"]}, z,
-                                 train=True, mutable=["batch_stats"])
+            out, _ = block.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                z,
+                train=True,
+                mutable=["batch_stats"],
+            )
             return jnp.sum(jnp.sin(out))
+
         return jax.grad(loss, argnums=(0, 1))(variables["params"], z)
 
     tree_allclose(grads(coupled), grads(ode), rtol=1e-5, atol=1e-6)
@@ -391,7 +441,9 @@ def test_running_statistics_are_the_quadrature_time_average():
     expected = jax.tree.map(lambda r, a, b: 0.9 * r + 0.1 * (0.5 * a + 0.5 * b), running, s0, s1)
     tree_allclose(updates["batch_stats"]["vector_field"], expected, rtol=1e-5, atol=1e-7)
     # The two evaluations really differ, so the average is not a single evaluation's stats.
-    assert float(jnp.max(jnp.abs(s0["BatchStatNorm_1"]["var"] - s1["BatchStatNorm_1"]["var"]))) > 1e-3
+    assert (
+        float(jnp.max(jnp.abs(s0["BatchStatNorm_1"]["var"] - s1["BatchStatNorm_1"]["var"]))) > 1e-3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -413,9 +465,10 @@ def test_batch_stats_update_once_per_training_forward(small_setup):
     # The backward pass (ANODE recomputes every block) leaves them alone: the updates
     # returned next to the gradient are those of one forward.
     def loss(params):
-        logits, upd = model.apply({"params": params, "batch_stats": stats0}, x, train=True,
-                                  mutable=["batch_stats"])
-        return jnp.sum(logits ** 2), upd["batch_stats"]
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": stats0}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(logits**2), upd["batch_stats"]
 
     grads, upd_grad = jax.grad(loss, has_aux=True)(variables["params"])
     tree_allclose(upd_grad, upd1, rtol=1e-6, atol=1e-7)
@@ -423,10 +476,15 @@ def test_batch_stats_update_once_per_training_forward(small_setup):
 
     # Exactly one EMA step per call: in training mode the batch statistics s do not depend
     # on the running ones, so a second call gives r₂ − r₁ = 0.9·(r₁ − r₀).
-    _, upd2 = model.apply({"params": variables["params"], "batch_stats": upd1}, x, train=True,
-                          mutable=["batch_stats"])
-    tree_allclose(jax.tree.map(jnp.subtract, upd2["batch_stats"], upd1),
-                  jax.tree.map(lambda a, b: 0.9 * (a - b), upd1, stats0), rtol=1e-4, atol=1e-6)
+    _, upd2 = model.apply(
+        {"params": variables["params"], "batch_stats": upd1}, x, train=True, mutable=["batch_stats"]
+    )
+    tree_allclose(
+        jax.tree.map(jnp.subtract, upd2["batch_stats"], upd1),
+        jax.tree.map(lambda a, b: 0.9 * (a - b), upd1, stats0),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
     # Evaluation mode never writes them.
     _, upd_eval = model.apply(variables, x, train=False, mutable=["batch_stats"])
@@ -453,9 +511,14 @@ def test_gradients_agree_across_exact_adjoints(x64, block, q):
         model = create_model("small", block=block, q=q, adjoint=adjoint, **_X64_SMALL)
 
         def loss(p, x):
-            logits, upd = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
-                                      train=True, mutable=["batch_stats"])
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             return jnp.sum(jnp.sin(logits)), upd
+
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
 
     reference = grads("direct")
@@ -479,8 +542,12 @@ def test_rda_parameter_gradients_match_finite_differences(x64):
 
     def loss(q_params):
         p = {**params, **{name: {**params[name], "q": q_params[name]} for name in q_params}}
-        logits, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                mutable=["batch_stats"])
+        logits, _ = model.apply(
+            {"params": p, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return jnp.sum(jnp.sin(logits))
 
     grad = jax.grad(loss)(q_params)
@@ -489,13 +556,19 @@ def test_rda_parameter_gradients_match_finite_differences(x64):
     for i, kind in enumerate(("diffusion", "velocity", "reaction_tanh", "reaction_linear")):
         # Direction: random in the `kind` leaves of every kernel, zero elsewhere.
         direction = jax.tree_util.tree_map_with_path(
-            lambda path, leaf: (_normal(100 + i, leaf.shape, leaf.dtype) if path[-1].key == kind
-                                else jnp.zeros_like(leaf)),
-            q_params)
+            lambda path, leaf: (
+                _normal(100 + i, leaf.shape, leaf.dtype)
+                if path[-1].key == kind
+                else jnp.zeros_like(leaf)
+            ),
+            q_params,
+        )
         plus = jax.tree.map(lambda a, d: a + h * d, q_params, direction)
         minus = jax.tree.map(lambda a, d: a - h * d, q_params, direction)
         fd = (loss(plus) - loss(minus)) / (2 * h)
-        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+        analytic = sum(
+            jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))
+        )
         assert abs(float(analytic)) > 1e-4, kind
         np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-6, err_msg=kind)
 
@@ -519,12 +592,19 @@ def test_rda_operator_matches_stencil(x64, taps):
     np.testing.assert_allclose(kernel_laplacian(kernel), lap, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(kernel_gradient(kernel)[0], grad_h, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(kernel_gradient(kernel)[1], grad_w, rtol=1e-12, atol=1e-12)
-    p = {"diffusion": _normal(7, (3,), jnp.float64), "velocity": _normal(8, (2, 3), jnp.float64),
-         "reaction_tanh": _normal(9, (3,), jnp.float64), "reaction_linear": _normal(10, (3,), jnp.float64)}
-    expected = (np.log1p(np.exp(np.asarray(p["diffusion"]))) * lap
-                + np.asarray(p["velocity"][0]) * grad_h + np.asarray(p["velocity"][1]) * grad_w
-                + np.asarray(p["reaction_tanh"]) * np.tanh(np.asarray(kernel))
-                + np.asarray(p["reaction_linear"]) * np.asarray(kernel))
+    p = {
+        "diffusion": _normal(7, (3,), jnp.float64),
+        "velocity": _normal(8, (2, 3), jnp.float64),
+        "reaction_tanh": _normal(9, (3,), jnp.float64),
+        "reaction_linear": _normal(10, (3,), jnp.float64),
+    }
+    expected = (
+        np.log1p(np.exp(np.asarray(p["diffusion"]))) * lap
+        + np.asarray(p["velocity"][0]) * grad_h
+        + np.asarray(p["velocity"][1]) * grad_w
+        + np.asarray(p["reaction_tanh"]) * np.tanh(np.asarray(kernel))
+        + np.asarray(p["reaction_linear"]) * np.asarray(kernel)
+    )
     np.testing.assert_allclose(rda_rhs(kernel, p), expected, rtol=1e-12, atol=1e-12)
     if taps == (1, 1):
         assert not np.any(lap) and not np.any(grad_h) and not np.any(grad_w)
@@ -544,41 +624,83 @@ def test_rda_operator_hand_values():
 def test_pure_diffusion_conserves_each_kernel_tap_sum(x64):
     """v = 0, a = b = 0: d/dt Σ_taps θ = 0 because the Neumann Laplacian has zero column
     sums; RK4 preserves linear invariants, so the sums agree to round-off (rtol 1e-12)."""
-    theta = {"conv3x3": {"kernel": _normal(11, (3, 3, 2, 3), jnp.float64), "bias": _normal(12, (3,), jnp.float64)},
-             "conv1x3": {"kernel": _normal(13, (1, 3, 3, 4), jnp.float64)},
-             "conv3x1": {"kernel": _normal(14, (3, 1, 4, 2), jnp.float64)},
-             "conv1x1": {"kernel": _normal(15, (1, 1, 2, 2), jnp.float64)}}
+    theta = {
+        "conv3x3": {
+            "kernel": _normal(11, (3, 3, 2, 3), jnp.float64),
+            "bias": _normal(12, (3,), jnp.float64),
+        },
+        "conv1x3": {"kernel": _normal(13, (1, 3, 3, 4), jnp.float64)},
+        "conv3x1": {"kernel": _normal(14, (3, 1, 4, 2), jnp.float64)},
+        "conv1x1": {"kernel": _normal(15, (1, 1, 2, 2), jnp.float64)},
+    }
     p = init_q_params("rda", theta)
     # Diffusivities softplus(N(0, ½²) − ½) ≲ 1.2: RK4 with dt = ¼ is stable for the 3×3
     # Laplacian (spectral radius 6).
     p = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: (0.5 * _normal(16, leaf.shape, leaf.dtype) - 0.5 if path[-1].key == "diffusion"
-                            else jnp.zeros_like(leaf)), p)
-    solve = jax.jit(lambda theta, p: odeint(lambda t, th, p: parameter_field("rda", th, p), theta, p,
-                                            num_steps=4, solver="rk4", adjoint="direct"))
+        lambda path, leaf: (
+            0.5 * _normal(16, leaf.shape, leaf.dtype) - 0.5
+            if path[-1].key == "diffusion"
+            else jnp.zeros_like(leaf)
+        ),
+        p,
+    )
+    solve = jax.jit(
+        lambda theta, p: odeint(
+            lambda t, th, p: parameter_field("rda", th, p),
+            theta,
+            p,
+            num_steps=4,
+            solver="rk4",
+            adjoint="direct",
+        )
+    )
     theta1 = solve(theta, p)
     for name in ("conv3x3", "conv1x3", "conv3x1", "conv1x1"):
         before, after = theta[name]["kernel"], theta1[name]["kernel"]
-        np.testing.assert_allclose(after.sum(axis=(0, 1)), before.sum(axis=(0, 1)), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            after.sum(axis=(0, 1)), before.sum(axis=(0, 1)), rtol=1e-12, atol=1e-12
+        )
         if name == "conv1x1":
             np.testing.assert_array_equal(after, before)  # Δ = 0 on a single tap
         else:  # diffusion did act: the taps were smoothed
             assert float(jnp.max(jnp.abs(after - before))) > 1e-2
-            assert float(jnp.var(after, axis=(0, 1)).sum()) < float(jnp.var(before, axis=(0, 1)).sum())
+            assert float(jnp.var(after, axis=(0, 1)).sum()) < float(
+                jnp.var(before, axis=(0, 1)).sum()
+            )
     np.testing.assert_array_equal(theta1["conv3x3"]["bias"], theta["conv3x3"]["bias"])
 
 
 def test_q_params_layout():
-    theta = {"Conv_0": {"kernel": jnp.zeros((3, 3, 2, 5))}, "BatchStatNorm_0": {"scale": jnp.zeros(5)},
-             "Conv_1": {"kernel": jnp.zeros((1, 3, 5, 4)), "bias": jnp.zeros(4)}}
+    theta = {
+        "Conv_0": {"kernel": jnp.zeros((3, 3, 2, 5))},
+        "BatchStatNorm_0": {"scale": jnp.zeros(5)},
+        "Conv_1": {"kernel": jnp.zeros((1, 3, 5, 4)), "bias": jnp.zeros(4)},
+    }
     assert init_q_params("none", theta) == {}
     rda = jax.tree.map(jnp.shape, init_q_params("rda", theta))
-    assert rda == {"Conv_0": {"kernel": {"diffusion": (5,), "velocity": (2, 5), "reaction_tanh": (5,),
-                                         "reaction_linear": (5,)}},
-                   "Conv_1": {"kernel": {"diffusion": (4,), "velocity": (2, 4), "reaction_tanh": (4,),
-                                         "reaction_linear": (4,)}}}
+    assert rda == {
+        "Conv_0": {
+            "kernel": {
+                "diffusion": (5,),
+                "velocity": (2, 5),
+                "reaction_tanh": (5,),
+                "reaction_linear": (5,),
+            }
+        },
+        "Conv_1": {
+            "kernel": {
+                "diffusion": (4,),
+                "velocity": (2, 4),
+                "reaction_tanh": (4,),
+                "reaction_linear": (4,),
+            }
+        },
+    }
     conv = jax.tree.map(jnp.shape, init_q_params("conv", theta))
-    assert conv == {"Conv_0": {"kernel": {"mixing": (5, 9, 9)}}, "Conv_1": {"kernel": {"mixing": (4, 3, 3)}}}
+    assert conv == {
+        "Conv_0": {"kernel": {"mixing": (5, 9, 9)}},
+        "Conv_1": {"kernel": {"mixing": (4, 3, 3)}},
+    }
     with pytest.raises(ValueError, match="q must be one of"):
         init_q_params("diffusion", theta)
 
@@ -609,9 +731,14 @@ def test_jit_train_step_matches_eager_and_compiles_once(small_setup):
         traces.append(x.shape)  # runs only while tracing
 
         def loss(params):
-            logits, upd = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                      train=True, mutable=["batch_stats"])
-            return jnp.mean(logits ** 2), upd
+            logits, upd = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(logits**2), upd
+
         return jax.grad(loss, has_aux=True)(variables["params"])
 
     jitted = jax.jit(train_step)

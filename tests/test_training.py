@@ -17,8 +17,14 @@ import jax
 import numpy as np
 import pytest
 
-from anode_jax.training import (ConfigError, TrainingError, evaluate, make_lr_schedule,
-                                train_and_evaluate, validate_config)
+from anode_jax.training import (
+    ConfigError,
+    TrainingError,
+    evaluate,
+    make_lr_schedule,
+    train_and_evaluate,
+    validate_config,
+)
 from anode_jax.training.metrics import MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +40,16 @@ def load_config(name: str, arg: str | None = None):
 
 
 # A tiny digits run: 256 train images, batch 32 -> 8 steps per epoch.
-TINY_DIGITS = {"data.train_size": 256, "batch_size": 32, "eval_batch_size": 120,
-               "model.width": 0.5, "progress_bar": False, "plots": False,
-               "checkpoint_every_steps": 5, "log_every_steps": 4}
+TINY_DIGITS = {
+    "data.train_size": 256,
+    "batch_size": 32,
+    "eval_batch_size": 120,
+    "model.width": 0.5,
+    "progress_bar": False,
+    "plots": False,
+    "checkpoint_every_steps": 5,
+    "log_every_steps": 4,
+}
 
 
 def tiny_digits(**overrides):
@@ -58,16 +71,26 @@ def subprocess_env(cache_dir: Path | None = None, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **extra)
     if cache_dir is not None:  # share compiled executables between the runs of one test
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+        )
     return env
 
 
 # ------------------------------------------------------------------ configs and validation
 
-@pytest.mark.parametrize("name,arg", [("default", None), ("cifar10", "resnet4-anode"),
-                                      ("cifar10", "sqnxt-backsolve"), ("cifar100", "alexnet-anodev2"),
-                                      ("cifar100", "resnet10-baseline"), ("cifar10", None)])
+
+@pytest.mark.parametrize(
+    "name,arg",
+    [
+        ("default", None),
+        ("cifar10", "resnet4-anode"),
+        ("cifar10", "sqnxt-backsolve"),
+        ("cifar100", "alexnet-anodev2"),
+        ("cifar100", "resnet10-baseline"),
+        ("cifar10", None),
+    ],
+)
 def test_shipped_configs_validate(name, arg):
     c = load_config(name, arg)
     validate_config(c, num_devices=1)
@@ -81,8 +104,12 @@ def test_shipped_configs_validate(name, arg):
 
 def test_cifar_config_follows_the_paper():
     c = load_config("cifar10", "resnet4-anode")
-    assert (c.optim.name, c.optim.momentum, c.optim.weight_decay, c.optim.learning_rate) == \
-        ("sgd", 0.9, 5e-4, 0.1)
+    assert (c.optim.name, c.optim.momentum, c.optim.weight_decay, c.optim.learning_rate) == (
+        "sgd",
+        0.9,
+        5e-4,
+        0.1,
+    )
     assert (c.num_epochs, c.batch_size, c.eval_batch_size, c.model.num_steps) == (350, 256, 128, 2)
     assert c.data.augment and c.data.crop_padding == 4 and c.data.flip
     sched = make_lr_schedule(c, steps_per_epoch=10)
@@ -100,17 +127,33 @@ def _bad(key, value):
         for p in path:
             node = node[p]
         node[leaf] = value
+
     return edit
 
 
 BAD_CONFIGS = [
     (_bad("data.nmae", "x"), r"unknown config key\(s\) config.data.nmae; valid keys: .*data.name"),
-    (_bad("model.name", "vgg"), r"config.model.name='vgg'.*small, resnet, resnet4, resnet10, alexnet, sqnxt"),
-    (_bad("model.method", "node"), r"config.model.method='node'.*baseline, backsolve, anode, anodev2"),
+    (
+        _bad("model.name", "vgg"),
+        r"config.model.name='vgg'.*small, resnet, resnet4, resnet10, alexnet, sqnxt",
+    ),
+    (
+        _bad("model.method", "node"),
+        r"config.model.method='node'.*baseline, backsolve, anode, anodev2",
+    ),
     (_bad("model.solver", "rk45"), r"config.model.solver='rk45'.*euler, midpoint, heun, rk4"),
-    (_bad("model.adjoint", "adjoint"), r"config.model.adjoint='adjoint'.*direct, anode, backsolve, checkpointed:K"),
-    (_bad("model.adjoint", "checkpointed:0"), r"config.model.adjoint='checkpointed:0'.*checkpointed:K"),
-    (_bad("model.adjoint", "backsolve"), r"adjoint='backsolve'.*with config.model.method='backsolve'"),
+    (
+        _bad("model.adjoint", "adjoint"),
+        r"config.model.adjoint='adjoint'.*direct, anode, backsolve, checkpointed:K",
+    ),
+    (
+        _bad("model.adjoint", "checkpointed:0"),
+        r"config.model.adjoint='checkpointed:0'.*checkpointed:K",
+    ),
+    (
+        _bad("model.adjoint", "backsolve"),
+        r"adjoint='backsolve'.*with config.model.method='backsolve'",
+    ),
     (_bad("model.q", "mlp"), r"config.model.q='mlp'.*none, rda, conv"),
     (_bad("data.name", "mnist"), r"config.data.name='mnist'.*digits, cifar10, cifar100"),
     (_bad("optim.name", "lbfgs"), r"config.optim.name='lbfgs'.*sgd, adamw"),
@@ -128,8 +171,9 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("edit,pattern", BAD_CONFIGS,
-                         ids=[p.split("=")[0].split(";")[0][:40] for _, p in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    "edit,pattern", BAD_CONFIGS, ids=[p.split("=")[0].split(";")[0][:40] for _, p in BAD_CONFIGS]
+)
 def test_each_config_error_is_clear(edit, pattern):
     d = load_config("default").to_dict()
     edit(d)
@@ -141,7 +185,9 @@ def test_each_config_error_is_clear(edit, pattern):
 def test_backsolve_method_requires_backsolve_adjoint():
     c = load_config("cifar10", "resnet-backsolve")
     c.model.adjoint = "anode"
-    with pytest.raises(ConfigError, match="method='backsolve' needs config.model.adjoint='backsolve'"):
+    with pytest.raises(
+        ConfigError, match="method='backsolve' needs config.model.adjoint='backsolve'"
+    ):
         validate_config(c, num_devices=1)
     c = load_config("cifar10", "resnet-anodev2")
     c.model.adjoint = "checkpointed:2"  # any valid non-backsolve adjoint may be chosen
@@ -169,22 +215,33 @@ def test_cli_errors_are_one_line(tmp_path):
     """train.py reports config and data problems as one line, without a traceback."""
     cases = [
         (["--config=configs/cifar10.py:resnet4-nope"], "is not MODEL-METHOD"),
-        (["--config=configs/default.py", "--config.model.solvr=rk4"], "unknown config key(s) config.model.solvr"),
+        (
+            ["--config=configs/default.py", "--config.model.solvr=rk4"],
+            "unknown config key(s) config.model.solvr",
+        ),
         (["--config=configs/default.py", "--config.model.solver=rk5"], "config.model.solver='rk5'"),
-        (["--config=configs/cifar10.py:resnet4-anode", f"--config.data.dir={tmp_path}"],
-         "holds no cifar10 data"),
+        (
+            ["--config=configs/cifar10.py:resnet4-anode", f"--config.data.dir={tmp_path}"],
+            "holds no cifar10 data",
+        ),
     ]
     for args, expected in cases:
-        r = subprocess.run([PY, str(REPO / "train.py"), f"--workdir={tmp_path / 'w'}", *args],
-                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                           timeout=300)
+        r = subprocess.run(
+            [PY, str(REPO / "train.py"), f"--workdir={tmp_path / 'w'}", *args],
+            cwd=REPO,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 1, (args, r.stderr[-2000:])
-        err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and expected in err[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------ metrics log
+
 
 def test_metrics_log_truncation_drops_later_and_torn_lines(tmp_path):
     log = MetricsLog(str(tmp_path / "m.jsonl"))
@@ -195,13 +252,14 @@ def test_metrics_log_truncation_drops_later_and_torn_lines(tmp_path):
     assert [r["step"] for r in log.read()] == [4, 8, 8, 12]
     assert log.truncate_after(8) == 2
     assert [r["step"] for r in log.read()] == [4, 8, 8]
-    assert open(log.path).read().endswith("\n")
+    assert Path(log.path).read_text().endswith("\n")
 
 
 # ------------------------------------------------------------------ end to end
 
+
 def _records(workdir):
-    return [json.loads(l) for l in open(Path(workdir) / "metrics.jsonl")]
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 DETERMINISTIC = ("step", "epoch", "split", "loss", "accuracy", "lr", "num_steps")
@@ -213,8 +271,16 @@ def test_digits_end_to_end_and_eval_only(tmp_path):
     summary = train_and_evaluate(c, str(tmp_path))
     recs = _records(tmp_path)
     for r in recs:
-        for key in ("step", "epoch", "split", "loss", "accuracy", "lr", "images_per_sec",
-                    "wall_time_s"):
+        for key in (
+            "step",
+            "epoch",
+            "split",
+            "loss",
+            "accuracy",
+            "lr",
+            "images_per_sec",
+            "wall_time_s",
+        ):
             assert key in r
     test = [r for r in recs if r["split"] == "test"]
     assert [r["step"] for r in test] == [8, 16] and [r["epoch"] for r in test] == [1, 2]
@@ -222,8 +288,15 @@ def test_digits_end_to_end_and_eval_only(tmp_path):
     assert train_steps == [4, 5, 8, 10, 12, 15, 16]  # log_every=4, checkpoints every 5, epochs
     assert sum(r["num_steps"] for r in recs if r["split"] == "train") == 16
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("final_test_accuracy", "best_test_accuracy", "final_train_loss", "param_count",
-                "steps", "wall_time_s", "config"):
+    for key in (
+        "final_test_accuracy",
+        "best_test_accuracy",
+        "final_train_loss",
+        "param_count",
+        "steps",
+        "wall_time_s",
+        "config",
+    ):
         assert key in on_disk
     assert on_disk["steps"] == 16 and on_disk["config"]["model"]["name"] == "small"
     assert on_disk["final_test_accuracy"] == test[-1]["accuracy"] == summary["final_test_accuracy"]
@@ -241,9 +314,11 @@ def test_digits_end_to_end_and_eval_only(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_CIFAR10 / "cifar-10-batches-py" / "test_batch").exists(),
-                    reason="shared CIFAR-10 subset not found at ../shared/data/cifar10 "
-                           "(see /work/shared/data/README.md)")
+@pytest.mark.skipif(
+    not (SHARED_CIFAR10 / "cifar-10-batches-py" / "test_batch").exists(),
+    reason="shared CIFAR-10 subset not found at ../shared/data/cifar10 "
+    "(see /work/shared/data/README.md)",
+)
 def test_cifar10_slice_end_to_end(tmp_path):
     c = load_config("cifar10", "resnet4-anode")
     c.data.dir = str(SHARED_CIFAR10)
@@ -266,16 +341,27 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     env = subprocess_env(cache_dir=tmp_path / "jax_cache")
 
     def run(workdir):
-        r = subprocess.run(cmd + [f"--workdir={workdir}"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            cmd + [f"--workdir={workdir}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
     run(tmp_path / "a")  # uninterrupted (also fills the compilation cache)
 
     wb = tmp_path / "b"
-    proc = subprocess.Popen(cmd + [f"--workdir={wb}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [f"--workdir={wb}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckdir = wb / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -295,8 +381,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
     sa = json.loads((tmp_path / "a" / "summary.json").read_text())
     sb = json.loads((wb / "summary.json").read_text())
-    for key in ("final_test_accuracy", "best_test_accuracy", "final_test_loss",
-                "final_train_loss", "final_train_accuracy", "param_count", "steps"):
+    for key in (
+        "final_test_accuracy",
+        "best_test_accuracy",
+        "final_test_loss",
+        "final_train_loss",
+        "final_train_accuracy",
+        "param_count",
+        "steps",
+    ):
         assert sa[key] == sb[key], key
     ra = [{k: r.get(k) for k in DETERMINISTIC} for r in _records(tmp_path / "a")]
     rb = [{k: r.get(k) for k in DETERMINISTIC} for r in _records(wb)]
@@ -316,6 +409,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert f"latest checkpoint: step {bad_step - 1}" in str(e.value)
     # The kept checkpoint restores, its parameters are finite and all logged losses are.
     from anode_jax.training.loop import _setup
+
     setup = _setup(c, str(tmp_path))
     assert setup.restored_meta["step"] == bad_step - 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(setup.state.params))
@@ -373,17 +467,20 @@ SHARDED_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_eight_device_step_equals_single_device():
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([PY, "-c", SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [PY, "-c", SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 # ------------------------------------------------------------------ optimizer semantics
 
+
 def test_sgd_matches_pytorch_update_and_keeps_momentum():
     """SGD with weight decay is PyTorch's: buf = m*buf + (g + wd*p); p -= lr*buf, and the
     one optimizer keeps its momentum buffer across epochs (no re-creation)."""
     from anode_jax.training.train_state import make_optimizer
+
     c = load_config("cifar10", "resnet-anode")
     sched = make_lr_schedule(c, steps_per_epoch=2)
     tx = make_optimizer(c, sched)

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 from anode_jax.data.augment import normalize, preprocess, random_crop_flip
 from anode_jax.data.base import Dataset
-from anode_jax.data.cifar import (CIFAR_MEAN, CIFAR_STD, expected_layouts, load_cifar_local,
-                                  load_cifar_tfds, resolve_layout)
+from anode_jax.data.cifar import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    expected_layouts,
+    load_cifar_local,
+    load_cifar_tfds,
+    resolve_layout,
+)
 from anode_jax.data.digits import load_digits
 from anode_jax.data.errors import DataError
 from anode_jax.data.pipeline import TrainOrder, epoch_permutation, eval_batches, pad_batch
@@ -20,15 +26,31 @@ from anode_jax.data.safe_pickle import UnsafePickleError, safe_load, safe_loads
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
 
 __all__ = [
-    "CIFAR_MEAN", "CIFAR_STD", "DATASET_NAMES", "DataError", "Dataset", "TrainOrder",
-    "UnsafePickleError", "epoch_permutation", "eval_batches", "expected_layouts",
-    "load_cifar_local", "load_cifar_tfds", "load_dataset", "load_digits", "normalize",
-    "pad_batch", "preprocess", "random_crop_flip", "resolve_layout", "safe_load", "safe_loads",
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "DATASET_NAMES",
+    "DataError",
+    "Dataset",
+    "TrainOrder",
+    "UnsafePickleError",
+    "epoch_permutation",
+    "eval_batches",
+    "expected_layouts",
+    "load_cifar_local",
+    "load_cifar_tfds",
+    "load_dataset",
+    "load_digits",
+    "normalize",
+    "pad_batch",
+    "preprocess",
+    "random_crop_flip",
+    "resolve_layout",
+    "safe_load",
+    "safe_loads",
 ]
 
 
-def load_dataset(name: str, data_dir: str = "", train_size: int = 0,
-                 test_size: int = 0) -> Dataset:
+def load_dataset(name: str, data_dir: str = "", train_size: int = 0, test_size: int = 0) -> Dataset:
     """Load ``name`` into host memory; keep the first ``train_size``/``test_size`` (0 = all).
 
     ``data_dir`` (CIFAR only): a local copy in an official layout; empty means
@@ -42,9 +64,9 @@ def load_dataset(name: str, data_dir: str = "", train_size: int = 0,
         ds = load_cifar_local(name, data_dir)
     else:
         ds = load_cifar_tfds(name)
-    for what, size, have in (("train", train_size, ds.num_train),
-                             ("test", test_size, ds.num_test)):
+    for what, size, have in (("train", train_size, ds.num_train), ("test", test_size, ds.num_test)):
         if size > have:
             raise DataError(
-                f"data.{what}_size={size} but {ds.source} has only {have} {what} examples")
+                f"data.{what}_size={size} but {ds.source} has only {have} {what} examples"
+            )
     return ds.subset(train_size, test_size)

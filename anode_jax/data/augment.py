@@ -8,14 +8,15 @@ sharded, and reproduced exactly after a resume.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 
-def random_crop_flip(key: jax.Array, images: jax.Array, *, pad: int = 4,
-                     flip: bool = True) -> jax.Array:
+def random_crop_flip(
+    key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True
+) -> jax.Array:
     """Pad each NHWC image by ``pad`` zeros, crop back at a random offset, maybe flip.
 
     Equivalent to torchvision's ``RandomCrop(size, padding=pad)`` followed by
@@ -37,8 +38,9 @@ def random_crop_flip(key: jax.Array, images: jax.Array, *, pad: int = 4,
     return images
 
 
-def normalize(images: jax.Array, *, pixel_scale: float, mean: Sequence[float],
-              std: Sequence[float]) -> jax.Array:
+def normalize(
+    images: jax.Array, *, pixel_scale: float, mean: Sequence[float], std: Sequence[float]
+) -> jax.Array:
     """Raw pixels -> float32 ``(x * pixel_scale - mean) / std`` (per channel)."""
     x = images.astype(jnp.float32) * jnp.float32(pixel_scale)
     mean = jnp.asarray(mean, jnp.float32)
@@ -46,9 +48,16 @@ def normalize(images: jax.Array, *, pixel_scale: float, mean: Sequence[float],
     return (x - mean) / std
 
 
-def preprocess(images: jax.Array, *, key: jax.Array | None, pixel_scale: float,
-               mean: Sequence[float], std: Sequence[float], crop_pad: int = 0,
-               flip: bool = False) -> jax.Array:
+def preprocess(
+    images: jax.Array,
+    *,
+    key: jax.Array | None,
+    pixel_scale: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pad: int = 0,
+    flip: bool = False,
+) -> jax.Array:
     """Scale to [0, 1], augment (when ``key`` is given), then normalize.
 
     Augmentation pads with zeros in [0, 1] pixel space before normalization, as the

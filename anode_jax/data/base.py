@@ -41,7 +41,7 @@ class Dataset:
     def num_test(self) -> int:
         return int(self.test_images.shape[0])
 
-    def subset(self, train_size: int = 0, test_size: int = 0) -> "Dataset":
+    def subset(self, train_size: int = 0, test_size: int = 0) -> Dataset:
         """First ``train_size`` / ``test_size`` examples (0 keeps everything)."""
         tr = slice(None) if not train_size else slice(0, train_size)
         te = slice(None) if not test_size else slice(0, test_size)

@@ -51,10 +51,24 @@ class _Layout:
 
 _LAYOUTS: dict[str, tuple[_Layout, ...]] = {
     "cifar10": (
-        _Layout("cifar10", "python", "cifar-10-batches-py",
-                tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", 1, 10),
-        _Layout("cifar10", "binary", "cifar-10-batches-bin",
-                tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin", 1, 10),
+        _Layout(
+            "cifar10",
+            "python",
+            "cifar-10-batches-py",
+            tuple(f"data_batch_{i}" for i in range(1, 6)),
+            "test_batch",
+            1,
+            10,
+        ),
+        _Layout(
+            "cifar10",
+            "binary",
+            "cifar-10-batches-bin",
+            tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+            "test_batch.bin",
+            1,
+            10,
+        ),
     ),
     "cifar100": (
         _Layout("cifar100", "python", "cifar-100-python", ("train",), "test", 1, 100),
@@ -64,7 +78,7 @@ _LAYOUTS: dict[str, tuple[_Layout, ...]] = {
 
 
 def expected_layouts(name: str) -> str:
-    return " or ".join(l.describe() for l in _LAYOUTS[name])
+    return " or ".join(layout.describe() for layout in _LAYOUTS[name])
 
 
 def resolve_layout(name: str, data_dir: str) -> tuple[_Layout, str]:
@@ -161,18 +175,26 @@ def _read_python(path: str, layout: _Layout) -> tuple[np.ndarray, np.ndarray]:
         if key not in obj:
             raise _bad(path, layout, f"missing key {key!r} (has {sorted(map(repr, obj))})")
     data = obj[b"data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != IMAGE_BYTES:
-        desc = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
-                else type(data).__name__)
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != IMAGE_BYTES
+    ):
+        desc = (
+            f"{data.dtype} array of shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
         raise _bad(path, layout, f"b'data' is a {desc}, expected uint8 (N, {IMAGE_BYTES})")
     try:
         labels = np.asarray(obj[label_key], dtype=np.int64)
     except (TypeError, ValueError):
         raise _bad(path, layout, f"{label_key!r} is not a list of integers") from None
     if labels.shape != (data.shape[0],):
-        raise _bad(path, layout,
-                   f"{label_key!r} has shape {labels.shape}, expected ({data.shape[0]},)")
+        raise _bad(
+            path, layout, f"{label_key!r} has shape {labels.shape}, expected ({data.shape[0]},)"
+        )
     _check_labels(path, layout, labels)
     return _planes_to_nhwc(data), labels.astype(np.int32)
 
@@ -185,9 +207,12 @@ def _read_binary(path: str, layout: _Layout) -> tuple[np.ndarray, np.ndarray]:
     except OSError as e:
         raise _bad(path, layout, f"cannot read ({e.strerror or e})") from None
     if raw.size == 0 or raw.size % record:
-        raise _bad(path, layout,
-                   f"size {raw.size} bytes is not a positive multiple of the {record}-byte record "
-                   "(truncated or corrupt)")
+        raise _bad(
+            path,
+            layout,
+            f"size {raw.size} bytes is not a positive multiple of the {record}-byte record "
+            "(truncated or corrupt)",
+        )
     rec = raw.reshape(-1, record)
     labels = rec[:, n_label_bytes - 1].astype(np.int64)  # cifar100: fine label is 2nd byte
     _check_labels(path, layout, labels)
@@ -196,9 +221,12 @@ def _read_binary(path: str, layout: _Layout) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_labels(path: str, layout: _Layout, labels: np.ndarray) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise _bad(path, layout,
-                   f"labels outside [0, {layout.num_classes}) (min {labels.min()}, "
-                   f"max {labels.max()}; corrupt file?)")
+        raise _bad(
+            path,
+            layout,
+            f"labels outside [0, {layout.num_classes}) (min {labels.min()}, "
+            f"max {labels.max()}; corrupt file?)",
+        )
 
 
 def _class_names(folder: str, layout: _Layout) -> tuple[str, ...]:
@@ -216,15 +244,17 @@ def _class_names(folder: str, layout: _Layout) -> tuple[str, ...]:
         names = obj.get(key)
     else:
         meta = os.path.join(
-            folder, "batches.meta.txt" if layout.dataset == "cifar10" else "fine_label_names.txt")
+            folder, "batches.meta.txt" if layout.dataset == "cifar10" else "fine_label_names.txt"
+        )
         if not os.path.exists(meta):
             return fallback
         with open(meta, "rb") as f:
-            names = [l for l in f.read().split(b"\n") if l.strip()]
+            names = [line for line in f.read().split(b"\n") if line.strip()]
     if not isinstance(names, list) or len(names) != layout.num_classes:
         return fallback
-    return tuple(n.decode(errors="replace").strip() if isinstance(n, bytes) else str(n)
-                 for n in names)
+    return tuple(
+        n.decode(errors="replace").strip() if isinstance(n, bytes) else str(n) for n in names
+    )
 
 
 def load_cifar_tfds(name: str) -> Dataset:
@@ -235,7 +265,7 @@ def load_cifar_tfds(name: str) -> Dataset:
         f"(expected {expected_layouts(name)})"
     )
     try:
-        import tensorflow_datasets as tfds  # noqa: PLC0415
+        import tensorflow_datasets as tfds
     except Exception as e:  # ImportError, or a broken install
         raise DataError(
             f"data.dir is empty and tensorflow-datasets is not usable ({type(e).__name__}: "

@@ -19,7 +19,10 @@ def load_digits() -> Dataset:
     images = bunch.images.astype(np.uint8)[..., None]  # (1797, 8, 8, 1), values 0..16
     labels = bunch.target.astype(np.int32)
     x_tr, x_te, y_tr, y_te = train_test_split(
-        images, labels, test_size=DIGITS_TEST_SIZE, stratify=labels,
+        images,
+        labels,
+        test_size=DIGITS_TEST_SIZE,
+        stratify=labels,
         random_state=DIGITS_SPLIT_SEED,
     )
     scaled = x_tr.astype(np.float64) / 16.0

@@ -25,13 +25,14 @@ class TrainOrder:
     def __init__(self, num_examples: int, batch_size: int, seed: int):
         if batch_size > num_examples:
             raise ValueError(
-                f"batch_size {batch_size} exceeds the {num_examples} training examples")
+                f"batch_size {batch_size} exceeds the {num_examples} training examples"
+            )
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.seed = seed
         self.steps_per_epoch = num_examples // batch_size
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 -- one order per run; it lives as long as the run
     def _perm(self, epoch: int) -> np.ndarray:
         return epoch_permutation(self.seed, epoch, self.num_examples)
 
@@ -41,7 +42,7 @@ class TrainOrder:
 
     def indices(self, step: int) -> np.ndarray:
         epoch, i = self.position(step)
-        return self._perm(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        return self._perm(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 def eval_batches(num_examples: int, batch_size: int):

@@ -88,9 +88,19 @@ def _load(f: BinaryIO, source: str) -> Any:
         return _RestrictedUnpickler(f, source=source).load()
     except DataError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, MemoryError, OverflowError, UnicodeDecodeError,
-            ImportError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        OverflowError,
+        UnicodeDecodeError,
+        ImportError,
+    ) as e:
         raise DataError(
             f"{source}: not a readable pickle (truncated or corrupt: {type(e).__name__}: {e})"
         ) from None

@@ -20,7 +20,8 @@ averages. In evaluation mode the running averages enter the solve as (constant) 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,7 +73,9 @@ def _lift_vector_field(
     return vf, theta, running
 
 
-def _train_field(vf: nn.Module) -> Callable[[jax.Array, jax.Array, PyTree], tuple[jax.Array, PyTree]]:
+def _train_field(
+    vf: nn.Module,
+) -> Callable[[jax.Array, jax.Array, PyTree], tuple[jax.Array, PyTree]]:
     """``(t, z, θ) -> (f(t, z; θ), batch statistics used)`` in training mode."""
 
     def field(t, z, theta):
@@ -154,8 +157,14 @@ class ODEBlock(nn.Module):
 
     def _solve(self, rhs, y0, args):
         return odeint(
-            rhs, y0, args, t0=0.0, t1=1.0, num_steps=self.num_steps,
-            solver=self.solver, adjoint=self.adjoint,
+            rhs,
+            y0,
+            args,
+            t0=0.0,
+            t1=1.0,
+            num_steps=self.num_steps,
+            solver=self.solver,
+            adjoint=self.adjoint,
         )
 
     @nn.compact
@@ -203,7 +212,9 @@ class CoupledODEBlock(nn.Module):
         if self.q not in Q_NAMES:
             raise ValueError(f"q must be one of {Q_NAMES}, got {self.q!r}")
         vf, theta0, running = _lift_vector_field(self, self.vector_field_module, z)
-        q_params = self.param("q", lambda rng: init_q_params(self.q, theta0)) if self.q != "none" else {}
+        q_params = (
+            self.param("q", lambda rng: init_q_params(self.q, theta0)) if self.q != "none" else {}
+        )
         q = self.q
         track = train and running is not None  # state (z, θ, s) instead of (z, θ)
         field = _train_field(vf) if train else _eval_field(vf)
@@ -224,8 +235,14 @@ class CoupledODEBlock(nn.Module):
             y0 = y0 + (jax.tree.map(jnp.zeros_like, running.value),)
         args = (q_params, None if train else _frozen(running))
         y1 = odeint(
-            rhs, y0, args, t0=0.0, t1=1.0, num_steps=self.num_steps,
-            solver=self.solver, adjoint=self.adjoint,
+            rhs,
+            y0,
+            args,
+            t0=0.0,
+            t1=1.0,
+            num_steps=self.num_steps,
+            solver=self.solver,
+            adjoint=self.adjoint,
         )
         if track:
             _update_running(self, running, y1[2], self.momentum)

@@ -94,13 +94,17 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         s = (self.stride, self.stride)
-        h = nn.Conv(self.features, (3, 3), strides=s, padding="SAME", use_bias=False, name="conv1")(x)
+        h = nn.Conv(self.features, (3, 3), strides=s, padding="SAME", use_bias=False, name="conv1")(
+            x
+        )
         h = nn.relu(standard_norm(self.norm, h, train, name="norm1"))
         h = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(h)
         h = standard_norm(self.norm, h, train, name="norm2")
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), strides=s, use_bias=False, name="shortcut_conv")(x)
+            shortcut = nn.Conv(
+                self.features, (1, 1), strides=s, use_bias=False, name="shortcut_conv"
+            )(x)
             shortcut = standard_norm(self.norm, shortcut, train, name="shortcut_norm")
         return nn.relu(h + shortcut)
 
@@ -139,11 +143,20 @@ class SqueezeNextBlock(nn.Module):
                 (self.features, (1, 1), (1, 1)),
             )
         ):
-            h = nn.Conv(features, kernel, strides=strides, padding="SAME", use_bias=True, name=f"conv{i + 1}")(h)
+            h = nn.Conv(
+                features,
+                kernel,
+                strides=strides,
+                padding="SAME",
+                use_bias=True,
+                name=f"conv{i + 1}",
+            )(h)
             h = nn.relu(standard_norm(self.norm, h, train, name=f"norm{i + 1}"))
         shortcut = x
         if self.stride != 1 or cin != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), strides=s, use_bias=True, name="shortcut_conv")(x)
+            shortcut = nn.Conv(
+                self.features, (1, 1), strides=s, use_bias=True, name="shortcut_conv"
+            )(x)
             shortcut = standard_norm(self.norm, shortcut, train, name="shortcut_norm")
         return nn.relu(h + shortcut)
 
@@ -162,7 +175,11 @@ def conv_norm_relu(
 ) -> jax.Array:
     """``ReLU(norm(conv(x)))`` for stems, transitions and heads (call inside compact)."""
     h = nn.Conv(
-        features, kernel, strides=(strides, strides), padding="SAME", use_bias=use_bias,
+        features,
+        kernel,
+        strides=(strides, strides),
+        padding="SAME",
+        use_bias=use_bias,
         name=f"{name}_conv",
     )(x)
     h = standard_norm(norm, h, train, name=f"{name}_norm")
@@ -172,4 +189,3 @@ def conv_norm_relu(
 def global_average_pool(x: jax.Array) -> jax.Array:
     """``(N, H, W, C) → (N, C)``."""
     return jnp.mean(x, axis=(1, 2))
-

@@ -53,19 +53,28 @@ class _Network(nn.Module):
         """Channel count scaled by the width multiplier."""
         return scaled_channels(channels, self.width)
 
-    def dynamic_block(self, vector_field: nn.Module, x: jax.Array, train: bool, name: str) -> jax.Array:
+    def dynamic_block(
+        self, vector_field: nn.Module, x: jax.Array, train: bool, name: str
+    ) -> jax.Array:
         """Apply the residual / ODE / coupled block around ``vector_field`` to ``x``."""
         if self.block == "residual":
             block = ResidualBlock(vector_field, name=name)
         elif self.block == "ode":
             block = ODEBlock(
-                vector_field, num_steps=self.num_steps, solver=self.solver,
-                adjoint=self.adjoint, name=name,
+                vector_field,
+                num_steps=self.num_steps,
+                solver=self.solver,
+                adjoint=self.adjoint,
+                name=name,
             )
         elif self.block == "coupled":
             block = CoupledODEBlock(
-                vector_field, q=self.q, num_steps=self.num_steps, solver=self.solver,
-                adjoint=self.adjoint, name=name,
+                vector_field,
+                q=self.q,
+                num_steps=self.num_steps,
+                solver=self.solver,
+                adjoint=self.adjoint,
+                name=name,
             )
         else:
             raise ValueError(f"block must be one of {BLOCK_TYPES}, got {self.block!r}")
@@ -87,9 +96,13 @@ class SmallNet(_Network):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c1, c2 = self.ch(32), self.ch(64)
         x = conv_norm_relu(x, c1, (3, 3), norm=self.norm, train=train, name="stem")
-        x = self.dynamic_block(ResNetVectorField(c1, self.norm, parent=None), x, train, "stage1_ode")
+        x = self.dynamic_block(
+            ResNetVectorField(c1, self.norm, parent=None), x, train, "stage1_ode"
+        )
         x = conv_norm_relu(x, c2, (3, 3), strides=2, norm=self.norm, train=train, name="down2")
-        x = self.dynamic_block(ResNetVectorField(c2, self.norm, parent=None), x, train, "stage2_ode")
+        x = self.dynamic_block(
+            ResNetVectorField(c2, self.norm, parent=None), x, train, "stage2_ode"
+        )
         return self.head(x)
 
 
@@ -107,7 +120,9 @@ class ResNet18(_Network):
         for i, (channels, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
             c = self.ch(channels)
             x = BasicBlock(c, stride, self.norm, name=f"stage{i}_block")(x, train)
-            x = self.dynamic_block(ResNetVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode")
+            x = self.dynamic_block(
+                ResNetVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode"
+            )
         return self.head(x)
 
 
@@ -142,9 +157,18 @@ class ResNet10(_Network):
             c = self.ch(channels)
             if i > 1:
                 x = conv_norm_relu(
-                    x, c, (1, 1), strides=2, norm=self.norm, train=train, name=f"down{i}", relu=False
+                    x,
+                    c,
+                    (1, 1),
+                    strides=2,
+                    norm=self.norm,
+                    train=train,
+                    name=f"down{i}",
+                    relu=False,
                 )
-            x = self.dynamic_block(ResNetVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode")
+            x = self.dynamic_block(
+                ResNetVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode"
+            )
         return self.head(x)
 
 
@@ -184,12 +208,18 @@ class SqueezeNext23(_Network):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = conv_norm_relu(x, self.ch(64), (3, 3), norm=self.norm, train=train, name="stem", use_bias=True)
+        x = conv_norm_relu(
+            x, self.ch(64), (3, 3), norm=self.norm, train=train, name="stem", use_bias=True
+        )
         for i, (channels, stride) in enumerate(zip((32, 64, 128, 256), (1, 2, 2, 2)), start=1):
             c = self.ch(channels)
             x = SqueezeNextBlock(c, stride, self.norm, name=f"stage{i}_block")(x, train)
-            x = self.dynamic_block(SqueezeNextVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode")
-        x = conv_norm_relu(x, self.ch(128), (1, 1), norm=self.norm, train=train, name="head_pre", use_bias=True)
+            x = self.dynamic_block(
+                SqueezeNextVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode"
+            )
+        x = conv_norm_relu(
+            x, self.ch(128), (1, 1), norm=self.norm, train=train, name="head_pre", use_bias=True
+        )
         return self.head(x)
 
 
@@ -201,6 +231,7 @@ _NETWORKS: dict[str, type[_Network]] = {
     "alexnet": AlexNet,
     "sqnxt": SqueezeNext23,
 }
+
 
 def _choice(argument: str, value: Any, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
@@ -264,7 +295,7 @@ def create_model(
         get_adjoint(adjoint)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"adjoint must be one of {ADJOINTS}, \"checkpointed:K\" (K >= 1) or an adjoint "
+            f'adjoint must be one of {ADJOINTS}, "checkpointed:K" (K >= 1) or an adjoint '
             f"object of anode_jax.ode, got {adjoint!r}"
         ) from error
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:

@@ -120,9 +120,7 @@ class BatchStatNorm(nn.Module):
             ra_mean = self.variable(
                 "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)
             )
-            ra_var = self.variable(
-                "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
-            )
+            ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         if train:
             mean, var = _batch_moments(x)
             if self.is_mutable_collection(STATS_COLLECTION):

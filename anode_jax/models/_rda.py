@@ -52,7 +52,7 @@ _DIFFUSION_INIT = -2.2521684610440903
 PyTree = Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tap_operators(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Finite-difference matrices ``(Δ, ∂_h, ∂_w)`` over the taps of an ``height×width`` grid.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
@@ -21,55 +21,55 @@ from anode_jax._typing import Array, PyTree, StepFn, VectorField
 
 @dataclasses.dataclass(frozen=True)
 class ButcherTableau:
-  """An explicit Runge–Kutta method.
+    """An explicit Runge–Kutta method.
 
-  Attributes:
-    a: strictly lower-triangular stage matrix, given as rows; row i holds a_i0..a_i(i-1)
-      (row 0 is empty). Shorter rows are padded with zeros.
-    b: the s quadrature weights; they must sum to 1 (consistency).
-    c: the s stage times; c_i must equal Σ_j a_ij (the usual row-sum condition) and c_0 = 0.
-    order: the method's classical order of accuracy (used in docs and convergence tests).
-    name: a short name for error messages and tables.
-  """
+    Attributes:
+      a: strictly lower-triangular stage matrix, given as rows; row i holds a_i0..a_i(i-1)
+        (row 0 is empty). Shorter rows are padded with zeros.
+      b: the s quadrature weights; they must sum to 1 (consistency).
+      c: the s stage times; c_i must equal Σ_j a_ij (the usual row-sum condition) and c_0 = 0.
+      order: the method's classical order of accuracy (used in docs and convergence tests).
+      name: a short name for error messages and tables.
+    """
 
-  a: tuple[tuple[float, ...], ...]
-  b: tuple[float, ...]
-  c: tuple[float, ...]
-  order: int
-  name: str = "custom"
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    c: tuple[float, ...]
+    order: int
+    name: str = "custom"
 
-  def __post_init__(self):
-    s = len(self.b)
-    a = tuple(tuple(float(x) for x in row) for row in self.a)
-    if s < 1:
-      raise ValueError("ButcherTableau needs at least one stage (len(b) >= 1).")
-    if len(self.c) != s or len(a) != s:
-      raise ValueError(
-          f"ButcherTableau {self.name!r}: a has {len(a)} rows, b {s} entries and c "
-          f"{len(self.c)}; all three must equal the number of stages."
-      )
-    for i, row in enumerate(a):
-      if len(row) > i:
-        raise ValueError(
-            f"ButcherTableau {self.name!r}: row {i} of a has {len(row)} entries; an explicit "
-            f"method allows at most {i} (a must be strictly lower-triangular)."
-        )
-    if not math.isclose(sum(self.b), 1.0, rel_tol=0, abs_tol=1e-12):
-      raise ValueError(f"ButcherTableau {self.name!r}: b sums to {sum(self.b)}, not 1.")
-    for i, (row, ci) in enumerate(zip(a, self.c)):
-      if not math.isclose(sum(row), ci, rel_tol=0, abs_tol=1e-12):
-        raise ValueError(
-            f"ButcherTableau {self.name!r}: c[{i}] = {ci} but row {i} of a sums to {sum(row)}."
-        )
-    if not isinstance(self.order, int) or self.order < 1:
-      raise ValueError(f"ButcherTableau {self.name!r}: order must be a positive int.")
-    object.__setattr__(self, "a", a)
-    object.__setattr__(self, "b", tuple(float(x) for x in self.b))
-    object.__setattr__(self, "c", tuple(float(x) for x in self.c))
+    def __post_init__(self):
+        s = len(self.b)
+        a = tuple(tuple(float(x) for x in row) for row in self.a)
+        if s < 1:
+            raise ValueError("ButcherTableau needs at least one stage (len(b) >= 1).")
+        if len(self.c) != s or len(a) != s:
+            raise ValueError(
+                f"ButcherTableau {self.name!r}: a has {len(a)} rows, b {s} entries and c "
+                f"{len(self.c)}; all three must equal the number of stages."
+            )
+        for i, row in enumerate(a):
+            if len(row) > i:
+                raise ValueError(
+                    f"ButcherTableau {self.name!r}: row {i} of a has {len(row)} entries; an explicit "
+                    f"method allows at most {i} (a must be strictly lower-triangular)."
+                )
+        if not math.isclose(sum(self.b), 1.0, rel_tol=0, abs_tol=1e-12):
+            raise ValueError(f"ButcherTableau {self.name!r}: b sums to {sum(self.b)}, not 1.")
+        for i, (row, ci) in enumerate(zip(a, self.c)):
+            if not math.isclose(sum(row), ci, rel_tol=0, abs_tol=1e-12):
+                raise ValueError(
+                    f"ButcherTableau {self.name!r}: c[{i}] = {ci} but row {i} of a sums to {sum(row)}."
+                )
+        if not isinstance(self.order, int) or self.order < 1:
+            raise ValueError(f"ButcherTableau {self.name!r}: order must be a positive int.")
+        object.__setattr__(self, "a", a)
+        object.__setattr__(self, "b", tuple(float(x) for x in self.b))
+        object.__setattr__(self, "c", tuple(float(x) for x in self.c))
 
-  @property
-  def num_stages(self) -> int:
-    return len(self.b)
+    @property
+    def num_stages(self) -> int:
+        return len(self.b)
 
 
 EULER = ButcherTableau(a=((),), b=(1.0,), c=(0.0,), order=1, name="euler")
@@ -87,50 +87,50 @@ SOLVERS: dict[str, ButcherTableau] = {t.name: t for t in (EULER, MIDPOINT, HEUN,
 
 
 def get_solver(solver: str | ButcherTableau) -> ButcherTableau:
-  """Returns the tableau for a solver name or passes a ButcherTableau through."""
-  if isinstance(solver, ButcherTableau):
-    return solver
-  if isinstance(solver, str):
-    try:
-      return SOLVERS[solver]
-    except KeyError:
-      raise ValueError(
-          f"Unknown solver {solver!r}; valid names are {sorted(SOLVERS)}, or pass a "
-          "ButcherTableau."
-      ) from None
-  raise TypeError(
-      f"solver must be a name in {sorted(SOLVERS)} or a ButcherTableau, got "
-      f"{type(solver).__name__}."
-  )
+    """Returns the tableau for a solver name or passes a ButcherTableau through."""
+    if isinstance(solver, ButcherTableau):
+        return solver
+    if isinstance(solver, str):
+        try:
+            return SOLVERS[solver]
+        except KeyError:
+            raise ValueError(
+                f"Unknown solver {solver!r}; valid names are {sorted(SOLVERS)}, or pass a "
+                "ButcherTableau."
+            ) from None
+    raise TypeError(
+        f"solver must be a name in {sorted(SOLVERS)} or a ButcherTableau, got "
+        f"{type(solver).__name__}."
+    )
 
 
 def _axpy(y: PyTree, h: float, coeffs: Sequence[float], ks: Sequence[PyTree]) -> PyTree:
-  """y + h Σ coeffs[j] ks[j] over pytrees, skipping zero coefficients."""
-  terms = [(h * c, k) for c, k in zip(coeffs, ks) if c != 0.0]
-  if not terms:
-    return y
+    """y + h Σ coeffs[j] ks[j] over pytrees, skipping zero coefficients."""
+    terms = [(h * c, k) for c, k in zip(coeffs, ks) if c != 0.0]
+    if not terms:
+        return y
 
-  def leaf(y_leaf, *k_leaves):
-    acc = y_leaf
-    for (w, _), k_leaf in zip(terms, k_leaves):
-      acc = acc + w * k_leaf
-    return acc
+    def leaf(y_leaf, *k_leaves):
+        acc = y_leaf
+        for (w, _), k_leaf in zip(terms, k_leaves):
+            acc = acc + w * k_leaf
+        return acc
 
-  return jax.tree.map(leaf, y, *(k for _, k in terms))
+    return jax.tree.map(leaf, y, *(k for _, k in terms))
 
 
 def make_step(tableau: ButcherTableau, vector_field: VectorField, dt: float) -> StepFn:
-  """One explicit RK step of fixed size `dt` (Python float; negative integrates backwards).
+    """One explicit RK step of fixed size `dt` (Python float; negative integrates backwards).
 
-  Returns step(t, y, args) -> y_next where t is a scalar array, y and args pytrees.
-  """
+    Returns step(t, y, args) -> y_next where t is a scalar array, y and args pytrees.
+    """
 
-  def step(t: Array, y: PyTree, args: PyTree) -> PyTree:
-    ks = []
-    for i in range(tableau.num_stages):
-      y_stage = _axpy(y, dt, tableau.a[i], ks)
-      t_stage = t + tableau.c[i] * dt if tableau.c[i] != 0.0 else t
-      ks.append(vector_field(t_stage, y_stage, args))
-    return _axpy(y, dt, tableau.b, ks)
+    def step(t: Array, y: PyTree, args: PyTree) -> PyTree:
+        ks = []
+        for i in range(tableau.num_stages):
+            y_stage = _axpy(y, dt, tableau.a[i], ks)
+            t_stage = t + tableau.c[i] * dt if tableau.c[i] != 0.0 else t
+            ks.append(vector_field(t_stage, y_stage, args))
+        return _axpy(y, dt, tableau.b, ks)
 
-  return step
+    return step

@@ -7,11 +7,27 @@ Entry points: :func:`train_and_evaluate` (what ``train.py`` calls) and :func:`ev
 from anode_jax.training.config_validation import ConfigError, validate_config
 from anode_jax.training.defaults import METHODS, base_config
 from anode_jax.training.loop import TrainingError, evaluate, train_and_evaluate
-from anode_jax.training.train_state import (TrainState, build_model, create_train_state,
-                                            make_lr_schedule, make_optimizer, param_count)
+from anode_jax.training.train_state import (
+    TrainState,
+    build_model,
+    create_train_state,
+    make_lr_schedule,
+    make_optimizer,
+    param_count,
+)
 
 __all__ = [
-    "ConfigError", "METHODS", "TrainState", "TrainingError", "base_config", "build_model",
-    "create_train_state", "evaluate", "make_lr_schedule", "make_optimizer", "param_count",
-    "train_and_evaluate", "validate_config",
+    "ConfigError",
+    "METHODS",
+    "TrainState",
+    "TrainingError",
+    "base_config",
+    "build_model",
+    "create_train_state",
+    "evaluate",
+    "make_lr_schedule",
+    "make_optimizer",
+    "param_count",
+    "train_and_evaluate",
+    "validate_config",
 ]

@@ -45,13 +45,15 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, template: TrainState, step: int | None = None
-                ) -> tuple[TrainState, dict[str, Any]]:
+    def restore(
+        self, template: TrainState, step: int | None = None
+    ) -> tuple[TrainState, dict[str, Any]]:
         """Restore into the structure and shardings of ``template``."""
         step = self.latest_step() if step is None else step
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            template.to_dict())
+            template.to_dict(),
+        )
         out = self._mngr.restore(
             step,
             args=ocp.args.Composite(

@@ -7,7 +7,8 @@ the bad value and the valid choices.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -33,6 +34,7 @@ class ConfigError(ValueError):
 def model_names() -> tuple[str, ...]:
     try:
         from anode_jax.models import MODEL_NAMES
+
         return tuple(MODEL_NAMES)
     except ImportError:
         return _FALLBACK_MODELS
@@ -41,6 +43,7 @@ def model_names() -> tuple[str, ...]:
 def q_names() -> tuple[str, ...]:
     try:
         from anode_jax.models import Q_NAMES
+
         return tuple(Q_NAMES)
     except ImportError:
         return _FALLBACK_Q
@@ -49,6 +52,7 @@ def q_names() -> tuple[str, ...]:
 def norm_names() -> tuple[str, ...]:
     try:
         from anode_jax.models import NORM_NAMES
+
         return tuple(NORM_NAMES)
     except ImportError:
         return NORMS
@@ -57,6 +61,7 @@ def norm_names() -> tuple[str, ...]:
 def solver_names() -> tuple[str, ...]:
     try:
         from anode_jax.ode import SOLVERS
+
         return tuple(SOLVERS)
     except ImportError:
         return _FALLBACK_SOLVERS
@@ -76,7 +81,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _choice(key: str, value: Any, choices) -> None:
     if value not in choices:
         raise ConfigError(
-            f"config.{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+            f"config.{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}"
+        )
 
 
 def _int(key: str, value: Any, *, minimum: int) -> None:
@@ -103,11 +109,13 @@ def check_known_keys(keys) -> None:
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join('config.' + k for k in unknown)}; valid keys: "
-            f"{', '.join(sorted(schema))}")
+            f"{', '.join(sorted(schema))}"
+        )
 
 
-def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any],
-                    num_devices: int | None = None) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict | Mapping[str, Any], num_devices: int | None = None
+) -> None:
     """Raise :class:`ConfigError` for the first problem found in ``config``.
 
     ``num_devices``: devices the batch is split over (default: from ``config.num_devices``
@@ -120,13 +128,30 @@ def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any],
     if missing:
         raise ConfigError(
             f"config is missing key(s) {', '.join('config.' + k for k in missing)}; start config "
-            "files from anode_jax.training.defaults.base_config()")
-    for key in ("data.augment", "data.flip", "progress_bar", "plots", "distributed",
-                "optim.nesterov"):
+            "files from anode_jax.training.defaults.base_config()"
+        )
+    for key in (
+        "data.augment",
+        "data.flip",
+        "progress_bar",
+        "plots",
+        "distributed",
+        "optim.nesterov",
+    ):
         if not isinstance(flat[key], bool):
             raise ConfigError(f"config.{key}={flat[key]!r} must be True or False")
-    for key in ("data.dir", "data.name", "model.name", "model.method", "model.solver",
-                "model.adjoint", "model.q", "model.norm", "optim.name", "optim.schedule"):
+    for key in (
+        "data.dir",
+        "data.name",
+        "model.name",
+        "model.method",
+        "model.solver",
+        "model.adjoint",
+        "model.q",
+        "model.norm",
+        "optim.name",
+        "optim.schedule",
+    ):
         if not isinstance(flat[key], str):
             raise ConfigError(f"config.{key}={flat[key]!r} must be a string")
 
@@ -137,60 +162,86 @@ def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any],
     adjoint = flat["model.adjoint"]
     if not _ADJOINT_RE.match(adjoint):
         raise ConfigError(
-            f"config.model.adjoint={adjoint!r} is not valid; choose one of: {ADJOINT_CHOICES}")
+            f"config.model.adjoint={adjoint!r} is not valid; choose one of: {ADJOINT_CHOICES}"
+        )
     method = flat["model.method"]
     if (method == "backsolve") != (adjoint == "backsolve"):
         if method == "backsolve":
             raise ConfigError(
                 f"config.model.method='backsolve' needs config.model.adjoint='backsolve' "
-                f"(got {adjoint!r}); to use another adjoint choose method anode or anodev2")
+                f"(got {adjoint!r}); to use another adjoint choose method anode or anodev2"
+            )
         raise ConfigError(
             f"config.model.adjoint='backsolve' is the Neural ODE adjoint: use it with "
             f"config.model.method='backsolve' (got method {method!r}); valid adjoints for "
-            f"{method}: direct, anode, checkpointed:K")
+            f"{method}: direct, anode, checkpointed:K"
+        )
     _choice("model.q", flat["model.q"], q_names())
     _choice("model.norm", flat["model.norm"], norm_names())
     _choice("optim.name", flat["optim.name"], OPTIMIZERS)
     _choice("optim.schedule", flat["optim.schedule"], SCHEDULES)
 
     _int("seed", flat["seed"], minimum=0)
-    for key in ("batch_size", "eval_batch_size", "num_epochs", "checkpoint_every_steps",
-                "keep_checkpoints", "log_every_steps", "eval_every_epochs", "model.num_steps"):
+    for key in (
+        "batch_size",
+        "eval_batch_size",
+        "num_epochs",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "log_every_steps",
+        "eval_every_epochs",
+        "model.num_steps",
+    ):
         _int(key, flat[key], minimum=1)
     for key in ("data.train_size", "data.test_size", "data.crop_padding", "num_devices"):
         _int(key, flat[key], minimum=0)
     _number("model.width", flat["model.width"], positive=True)
     _number("optim.learning_rate", flat["optim.learning_rate"], positive=True)
-    for key in ("optim.momentum", "optim.weight_decay", "optim.warmup_epochs",
-                "optim.grad_clip_norm", "optim.b1", "optim.b2"):
+    for key in (
+        "optim.momentum",
+        "optim.weight_decay",
+        "optim.warmup_epochs",
+        "optim.grad_clip_norm",
+        "optim.b1",
+        "optim.b2",
+    ):
         _number(key, flat[key], nonneg=True)
     _number("optim.lr_gamma", flat["optim.lr_gamma"], positive=True)
     milestones = flat["optim.lr_milestones"]
-    if not isinstance(milestones, (tuple, list)) or not all(
-            isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0
-            for m in milestones) or list(milestones) != sorted(milestones):
+    if (
+        not isinstance(milestones, (tuple, list))
+        or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0 for m in milestones
+        )
+        or list(milestones) != sorted(milestones)
+    ):
         raise ConfigError(
             f"config.optim.lr_milestones={milestones!r} must be increasing positive epochs, "
-            "e.g. (150, 250)")
+            "e.g. (150, 250)"
+        )
     if flat["data.train_size"] and flat["data.train_size"] < flat["batch_size"]:
         raise ConfigError(
             f"config.data.train_size={flat['data.train_size']} is smaller than "
-            f"config.batch_size={flat['batch_size']}: no full training batch")
+            f"config.batch_size={flat['batch_size']}: no full training batch"
+        )
 
     if num_devices is None:
         import jax
+
         available = jax.device_count()
         requested = flat["num_devices"]
         if requested > available:
             raise ConfigError(
                 f"config.num_devices={requested} but only {available} device(s) are visible "
-                f"({jax.default_backend()}); use 0 for all")
+                f"({jax.default_backend()}); use 0 for all"
+            )
         num_devices = requested or available
     for key in ("batch_size", "eval_batch_size"):
         if flat[key] % num_devices:
             raise ConfigError(
                 f"config.{key}={flat[key]} is not divisible by the {num_devices} devices it is "
-                f"split over; use a multiple of {num_devices} (or set config.num_devices)")
+                f"split over; use a multiple of {num_devices} (or set config.num_devices)"
+            )
 
 
 def model_kwargs(config) -> dict[str, Any]:

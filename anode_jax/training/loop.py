@@ -32,14 +32,33 @@ from anode_jax.training.checkpoints import Checkpointer
 from anode_jax.training.config_validation import validate_config
 from anode_jax.training.metrics import MetricsLog, summarize
 from anode_jax.training.steps import make_eval_step, make_train_step
-from anode_jax.training.train_state import (TrainState, build_model, create_train_state,
-                                            make_lr_schedule, make_optimizer, param_count)
+from anode_jax.training.train_state import (
+    TrainState,
+    build_model,
+    create_train_state,
+    make_lr_schedule,
+    make_optimizer,
+    param_count,
+)
 
 # Keys that must match between a checkpoint and the config resuming it.
-_RESUME_MUST_MATCH = ("seed", "batch_size", "data.name", "data.dir", "data.train_size",
-                      "data.augment", "data.crop_padding", "data.flip", "model.name",
-                      "model.method", "model.num_steps", "model.q", "model.norm",
-                      "model.width", "optim.name")
+_RESUME_MUST_MATCH = (
+    "seed",
+    "batch_size",
+    "data.name",
+    "data.dir",
+    "data.train_size",
+    "data.augment",
+    "data.crop_padding",
+    "data.flip",
+    "model.name",
+    "model.method",
+    "model.num_steps",
+    "model.q",
+    "model.norm",
+    "model.width",
+    "optim.name",
+)
 
 
 class TrainingError(RuntimeError):
@@ -79,6 +98,7 @@ def _flat(config) -> dict[str, Any]:
                 rec(v, prefix + k + ".")
             else:
                 out[prefix + k] = list(v) if isinstance(v, tuple) else v
+
     rec(config.to_dict() if hasattr(config, "to_dict") else config, "")
     return out
 
@@ -91,13 +111,16 @@ def _setup(config, workdir: str) -> _Setup:
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = shd.make_mesh(config.num_devices)
-    dataset = load_dataset(config.data.name, config.data.dir, config.data.train_size,
-                           config.data.test_size)
+    dataset = load_dataset(
+        config.data.name, config.data.dir, config.data.train_size, config.data.test_size
+    )
     if config.batch_size > dataset.num_train:
         from anode_jax.training.config_validation import ConfigError
+
         raise ConfigError(
             f"config.batch_size={config.batch_size} exceeds the {dataset.num_train} training "
-            f"examples of {dataset.name}; lower it or raise config.data.train_size")
+            f"examples of {dataset.name}; lower it or raise config.data.train_size"
+        )
     order = TrainOrder(dataset.num_train, config.batch_size, config.seed)
     spe = order.steps_per_epoch
     model = build_model(config, dataset.num_classes)
@@ -105,14 +128,27 @@ def _setup(config, workdir: str) -> _Setup:
     tx = make_optimizer(config, schedule)
 
     state = init_state(model, tx, config.seed, dataset.image_shape, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        max_to_keep=config.keep_checkpoints)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     meta = None
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         _check_resume_config(meta, config, ckpt)
-    return _Setup(config, workdir, mesh, dataset, order, spe, config.num_epochs * spe, model,
-                  schedule, tx, state, ckpt, meta, is_main)
+    return _Setup(
+        config,
+        workdir,
+        mesh,
+        dataset,
+        order,
+        spe,
+        config.num_epochs * spe,
+        model,
+        schedule,
+        tx,
+        state,
+        ckpt,
+        meta,
+        is_main,
+    )
 
 
 def init_state(model, tx, seed: int, image_shape, mesh) -> TrainState:
@@ -127,8 +163,11 @@ def init_state(model, tx, seed: int, image_shape, mesh) -> TrainState:
         return create_train_state(model, tx, seed, image_shape)
 
     opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    return jax.jit(init_train_state, out_shardings=shd.replicated(mesh)).lower().compile(
-        compiler_options=opts)()
+    return (
+        jax.jit(init_train_state, out_shardings=shd.replicated(mesh))
+        .lower()
+        .compile(compiler_options=opts)()
+    )
 
 
 def _check_resume_config(meta, config, ckpt) -> None:
@@ -136,20 +175,26 @@ def _check_resume_config(meta, config, ckpt) -> None:
     if not old:
         return
     new = _flat(config)
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in _RESUME_MUST_MATCH
-             if old.get(k) != new.get(k)]
+    diffs = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in _RESUME_MUST_MATCH
+        if old.get(k) != new.get(k)
+    ]
     if diffs:
         raise TrainingError(
             f"{ckpt.directory} holds step {meta['step']} of a run with a different config "
-            f"({'; '.join(diffs)}); resume with the same config or use a new --workdir")
+            f"({'; '.join(diffs)}); resume with the same config or use a new --workdir"
+        )
 
 
 def _to_host(tree):
     """Fetch (replicated) results to numpy; works with multi-process arrays too."""
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(x.addressable_data(0))
         return np.asarray(x)
+
     return jax.tree.map(one, tree)
 
 
@@ -166,8 +211,12 @@ def _evaluate(setup: _Setup, eval_step, state) -> dict[str, float]:
         for k in tot:
             tot[k] += float(o[k])
     dt = time.perf_counter() - t
-    return {"loss": tot["loss_sum"] / tot["count"], "accuracy": tot["correct"] / tot["count"],
-            "images_per_sec": tot["count"] / max(dt, 1e-9), "num_examples": int(tot["count"])}
+    return {
+        "loss": tot["loss_sum"] / tot["count"],
+        "accuracy": tot["correct"] / tot["count"],
+        "images_per_sec": tot["count"] / max(dt, 1e-9),
+        "num_examples": int(tot["count"]),
+    }
 
 
 def compile_steps(model, tx, dataset: Dataset, data_config, mesh, schedule=None):
@@ -179,21 +228,33 @@ def compile_steps(model, tx, dataset: Dataset, data_config, mesh, schedule=None)
     """
     repl, bsh = shd.replicated(mesh), shd.batch_sharded(mesh)
     train_step = jax.jit(
-        make_train_step(model, tx, pixel_scale=dataset.pixel_scale, mean=dataset.mean,
-                        std=dataset.std, augment=data_config.augment,
-                        crop_padding=data_config.crop_padding, flip=data_config.flip,
-                        schedule=schedule),
-        in_shardings=(repl, bsh, bsh), out_shardings=(repl, repl), donate_argnums=0)
+        make_train_step(
+            model,
+            tx,
+            pixel_scale=dataset.pixel_scale,
+            mean=dataset.mean,
+            std=dataset.std,
+            augment=data_config.augment,
+            crop_padding=data_config.crop_padding,
+            flip=data_config.flip,
+            schedule=schedule,
+        ),
+        in_shardings=(repl, bsh, bsh),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
     eval_step = jax.jit(
-        make_eval_step(model, pixel_scale=dataset.pixel_scale, mean=dataset.mean,
-                       std=dataset.std),
-        in_shardings=(repl, bsh, bsh, bsh), out_shardings=repl)
+        make_eval_step(model, pixel_scale=dataset.pixel_scale, mean=dataset.mean, std=dataset.std),
+        in_shardings=(repl, bsh, bsh, bsh),
+        out_shardings=repl,
+    )
     return train_step, eval_step
 
 
 def _compile_steps(setup: _Setup):
-    return compile_steps(setup.model, setup.tx, setup.dataset, setup.config.data, setup.mesh,
-                         setup.schedule)
+    return compile_steps(
+        setup.model, setup.tx, setup.dataset, setup.config.data, setup.mesh, setup.schedule
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -215,13 +276,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2, default=list)
     _log(setup, f"{ds.describe()}")
-    _log(setup, f"model {cfg.model.name} ({cfg.model.method}, solver {cfg.model.solver}, "
-                f"Nt={cfg.model.num_steps}, adjoint {cfg.model.adjoint}): {n_params:,} parameters; "
-                f"{len(setup.mesh.devices.flat)} device(s) [{jax.default_backend()}]")
+    _log(
+        setup,
+        f"model {cfg.model.name} ({cfg.model.method}, solver {cfg.model.solver}, "
+        f"Nt={cfg.model.num_steps}, adjoint {cfg.model.adjoint}): {n_params:,} parameters; "
+        f"{len(setup.mesh.devices.flat)} device(s) [{jax.default_backend()}]",
+    )
     if start_step:
-        _log(setup, f"resumed from {ckpt.directory} at step {start_step}/{total} (epoch "
-                    f"{start_step // spe}, batch {start_step % spe}); dropped {dropped} "
-                    "metrics line(s) written after that checkpoint")
+        _log(
+            setup,
+            f"resumed from {ckpt.directory} at step {start_step}/{total} (epoch "
+            f"{start_step // spe}, batch {start_step % spe}); dropped {dropped} "
+            "metrics line(s) written after that checkpoint",
+        )
 
     train_step, eval_step = _compile_steps(setup)
     bsh = shd.batch_sharded(setup.mesh)
@@ -232,15 +299,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def save(step: int) -> None:
         epoch, batch = order.position(step)
-        ckpt.save(state, {"step": step, "epoch": epoch, "batch_in_epoch": batch,
-                          "steps_per_epoch": spe, "wall_time_s": wall(),
-                          "config": _flat(cfg)})
+        ckpt.save(
+            state,
+            {
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch,
+                "steps_per_epoch": spe,
+                "wall_time_s": wall(),
+                "config": _flat(cfg),
+            },
+        )
 
     window: list[dict[str, jax.Array]] = []
     win_t0, win_step0 = time.perf_counter(), start_step
-    pbar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True,
-                mininterval=1.0, disable=not (cfg.progress_bar and setup.is_main),
-                desc=f"{cfg.model.name}-{cfg.model.method}")
+    pbar = tqdm(
+        total=total,
+        initial=start_step,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not (cfg.progress_bar and setup.is_main),
+        desc=f"{cfg.model.name}-{cfg.model.method}",
+    )
     try:
         for step in range(start_step, total):
             idx = order.indices(step)
@@ -265,10 +346,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f"(latest checkpoint: "
                         f"{'step ' + str(last) if last is not None else 'none'} in "
                         f"{ckpt.directory}); lower optim.learning_rate or set "
-                        "optim.grad_clip_norm")
+                        "optim.grad_clip_norm"
+                    )
                 dt = time.perf_counter() - win_t0
                 rec = {
-                    "step": done, "epoch": epoch, "split": "train",
+                    "step": done,
+                    "epoch": epoch,
+                    "split": "train",
                     "loss": float(losses.mean()),
                     "accuracy": float(np.mean([v["accuracy"] for v in vals])),
                     "grad_norm": float(np.mean([v["grad_norm"] for v in vals])),
@@ -279,20 +363,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 }
                 if setup.is_main:
                     log.write(rec)
-                pbar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
-                                 img_s=f"{rec['images_per_sec']:.0f}", refresh=False)
+                pbar.set_postfix(
+                    loss=f"{rec['loss']:.4f}",
+                    acc=f"{rec['accuracy']:.3f}",
+                    img_s=f"{rec['images_per_sec']:.0f}",
+                    refresh=False,
+                )
                 last_lr = rec["lr"]
                 window, win_t0, win_step0 = [], time.perf_counter(), done
             if epoch_end and (epoch % cfg.eval_every_epochs == 0 or done == total):
                 ev = _evaluate(setup, eval_step, state)
-                rec = {"step": done, "epoch": epoch, "split": "test", "loss": ev["loss"],
-                       "accuracy": ev["accuracy"], "lr": last_lr,
-                       "images_per_sec": ev["images_per_sec"],
-                       "num_examples": ev["num_examples"], "wall_time_s": wall()}
+                rec = {
+                    "step": done,
+                    "epoch": epoch,
+                    "split": "test",
+                    "loss": ev["loss"],
+                    "accuracy": ev["accuracy"],
+                    "lr": last_lr,
+                    "images_per_sec": ev["images_per_sec"],
+                    "num_examples": ev["num_examples"],
+                    "wall_time_s": wall(),
+                }
                 if setup.is_main:
                     log.write(rec)
-                    pbar.write(f"epoch {epoch}/{cfg.num_epochs} step {done}: test accuracy "
-                               f"{ev['accuracy']:.4f} loss {ev['loss']:.4f}")
+                    pbar.write(
+                        f"epoch {epoch}/{cfg.num_epochs} step {done}: test accuracy "
+                        f"{ev['accuracy']:.4f} loss {ev['loss']:.4f}"
+                    )
                 win_t0 = time.perf_counter()  # keep eval time out of train throughput
             if ckpt_due:
                 save(done)
@@ -307,27 +404,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if setup.is_main:
         records = log.read()
         summary = summarize(records)
-        summary.update({
-            "param_count": n_params,
-            "steps": int(_to_host(state.step)),
-            "epochs": cfg.num_epochs,
-            "steps_per_epoch": spe,
-            "wall_time_s": wall(),
-            "num_devices": len(setup.mesh.devices.flat),
-            "backend": jax.default_backend(),
-            "dataset": ds.describe(),
-            "config": cfg.to_dict(),
-        })
+        summary.update(
+            {
+                "param_count": n_params,
+                "steps": int(_to_host(state.step)),
+                "epochs": cfg.num_epochs,
+                "steps_per_epoch": spe,
+                "wall_time_s": wall(),
+                "num_devices": len(setup.mesh.devices.flat),
+                "backend": jax.default_backend(),
+                "dataset": ds.describe(),
+                "config": cfg.to_dict(),
+            }
+        )
         _write_json(os.path.join(workdir, "summary.json"), summary)
         plots = []
         if cfg.plots:
             from anode_jax.training.plots import plot_curves
-            plots = plot_curves(records, workdir,
-                                title=f"{cfg.data.name} {cfg.model.name}-{cfg.model.method}")
-        _log(setup, (
-            f"final test accuracy {summary.get('final_test_accuracy', float('nan')):.4f} "
-            f"(best {summary.get('best_test_accuracy', float('nan')):.4f}), "
-            f"{summary['steps']} steps, {summary['wall_time_s']:.1f} s"))
+
+            plots = plot_curves(
+                records, workdir, title=f"{cfg.data.name} {cfg.model.name}-{cfg.model.method}"
+            )
+        _log(
+            setup,
+            (
+                f"final test accuracy {summary.get('final_test_accuracy', float('nan')):.4f} "
+                f"(best {summary.get('best_test_accuracy', float('nan')):.4f}), "
+                f"{summary['steps']} steps, {summary['wall_time_s']:.1f} s"
+            ),
+        )
         files = ["metrics.jsonl", "summary.json"] + [os.path.basename(p) for p in plots]
         _log(setup, f"results in {os.path.abspath(workdir)}: {', '.join(files)}, checkpoints/")
     return summary
@@ -338,23 +443,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         validate_config(config)
-        raise TrainingError(f"--eval_only: no checkpoints in {os.path.abspath(ckpt_dir)}; "
-                            "train first (same command without --eval_only)")
+        raise TrainingError(
+            f"--eval_only: no checkpoints in {os.path.abspath(ckpt_dir)}; "
+            "train first (same command without --eval_only)"
+        )
     setup = _setup(config, workdir)
     if setup.restored_meta is None:
-        raise TrainingError(f"--eval_only: no checkpoint in {setup.checkpointer.directory}; "
-                            "train first (same command without --eval_only)")
+        raise TrainingError(
+            f"--eval_only: no checkpoint in {setup.checkpointer.directory}; "
+            "train first (same command without --eval_only)"
+        )
     _, eval_step = _compile_steps(setup)
     ev = _evaluate(setup, eval_step, setup.state)
     setup.checkpointer.close()
-    out = {"step": int(setup.restored_meta["step"]), "split": "test",
-           "loss": ev["loss"], "accuracy": ev["accuracy"], "num_examples": ev["num_examples"],
-           "checkpoint": setup.checkpointer.directory}
+    out = {
+        "step": int(setup.restored_meta["step"]),
+        "split": "test",
+        "loss": ev["loss"],
+        "accuracy": ev["accuracy"],
+        "num_examples": ev["num_examples"],
+        "checkpoint": setup.checkpointer.directory,
+    }
     if setup.is_main:
         _write_json(os.path.join(workdir, "eval.json"), out)
-        _log(setup, f"checkpoint step {out['step']}: test accuracy {ev['accuracy']:.4f}, "
-                    f"loss {ev['loss']:.4f} on {ev['num_examples']} images; written to "
-                    f"{os.path.abspath(os.path.join(workdir, 'eval.json'))}")
+        _log(
+            setup,
+            f"checkpoint step {out['step']}: test accuracy {ev['accuracy']:.4f}, "
+            f"loss {ev['loss']:.4f} on {ev['num_examples']} images; written to "
+            f"{os.path.abspath(os.path.join(workdir, 'eval.json'))}",
+        )
     return out
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def plot_curves(records: Sequence[dict[str, Any]], workdir: str, title: str = "") -> list[str]:
@@ -18,8 +19,13 @@ def plot_curves(records: Sequence[dict[str, Any]], workdir: str, title: str = ""
         for split, style in (("train", "-"), ("test", "o-")):
             rs = [r for r in records if r["split"] == split and isinstance(r[metric], float)]
             if rs:
-                ax.plot([r["step"] for r in rs], [r[metric] for r in rs], style,
-                        label=split, markersize=3)
+                ax.plot(
+                    [r["step"] for r in rs],
+                    [r[metric] for r in rs],
+                    style,
+                    label=split,
+                    markersize=3,
+                )
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         if metric == "loss":

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -22,8 +23,7 @@ DATA_AXIS = "data"
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
     devices = jax.devices()
     n = num_devices or len(devices)
-    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                         devices=devices[:n])
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 
 def replicated(mesh) -> NamedSharding:
@@ -46,6 +46,6 @@ def put_batch(arrays, sharding: NamedSharding):
         x = np.asarray(x)
         per = x.shape[0] // jax.process_count()
         lo = jax.process_index() * per
-        return jax.make_array_from_process_local_data(sharding, x[lo:lo + per], x.shape)
+        return jax.make_array_from_process_local_data(sharding, x[lo : lo + per], x.shape)
 
     return jax.tree.map(one, arrays)

@@ -24,17 +24,31 @@ def _variables(params, batch_stats):
     return v
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *, pixel_scale: float,
-                    mean, std, augment: bool, crop_padding: int = 4, flip: bool = True,
-                    schedule: optax.Schedule | None = None):
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    *,
+    pixel_scale: float,
+    mean,
+    std,
+    augment: bool,
+    crop_padding: int = 4,
+    flip: bool = True,
+    schedule: optax.Schedule | None = None,
+):
     """Return ``train_step(state, images, labels) -> (new_state, metrics)``.
 
     ``images``: raw uint8 NHWC batch, ``labels``: int32. Metrics: loss, accuracy,
     grad_norm and (when ``schedule`` is given) the learning rate used by this step.
     """
-    prep = functools.partial(preprocess, pixel_scale=pixel_scale, mean=tuple(mean),
-                             std=tuple(std), crop_pad=crop_padding if augment else 0,
-                             flip=flip and augment)
+    prep = functools.partial(
+        preprocess,
+        pixel_scale=pixel_scale,
+        mean=tuple(mean),
+        std=tuple(std),
+        crop_pad=crop_padding if augment else 0,
+        flip=flip and augment,
+    )
 
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -43,14 +57,18 @@ def make_train_step(model, tx: optax.GradientTransformation, *, pixel_scale: flo
 
         def loss_fn(params):
             logits, updates = model.apply(
-                _variables(params, state.batch_stats), x, train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_key})
+                _variables(params, state.batch_stats),
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": dropout_key},
+            )
             loss = optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), labels).mean()
+                logits.astype(jnp.float32), labels
+            ).mean()
             return loss, (logits, updates)
 
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params)
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         upd, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, upd)
         new_state = state.replace(
@@ -73,16 +91,19 @@ def make_train_step(model, tx: optax.GradientTransformation, *, pixel_scale: flo
 
 def make_eval_step(model, *, pixel_scale: float, mean, std):
     """Return ``eval_step(state, images, labels, mask) -> {loss_sum, correct, count}``."""
-    prep = functools.partial(preprocess, key=None, pixel_scale=pixel_scale, mean=tuple(mean),
-                             std=tuple(std))
+    prep = functools.partial(
+        preprocess, key=None, pixel_scale=pixel_scale, mean=tuple(mean), std=tuple(std)
+    )
 
     def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array):
         x = prep(images)
         logits = model.apply(_variables(state.params, state.batch_stats), x, train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(
-            logits.astype(jnp.float32), labels)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-                "count": jnp.sum(mask)}
+        return {
+            "loss_sum": jnp.sum(losses * mask),
+            "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+        }
 
     return eval_step

@@ -28,8 +28,13 @@ class TrainState:
     rng: jax.Array
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-                "opt_state": self.opt_state, "rng": self.rng}
+        return {
+            "step": self.step,
+            "params": self.params,
+            "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state,
+            "rng": self.rng,
+        }
 
 
 def build_model(config, num_classes: int):
@@ -58,14 +63,16 @@ def make_lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     if o.schedule == "cosine":
         if warmup > 0:
             inner = optax.warmup_cosine_decay_schedule(
-                base / warmup, base, warmup, max(total, warmup + 1))
+                base / warmup, base, warmup, max(total, warmup + 1)
+            )
         else:
             inner = optax.cosine_decay_schedule(base, max(total, 1))
         ramp = None
     else:
         if o.schedule == "step":
-            boundaries = {int(round(m * steps_per_epoch)): float(o.lr_gamma)
-                          for m in o.lr_milestones}
+            boundaries = {
+                int(round(m * steps_per_epoch)): float(o.lr_gamma) for m in o.lr_milestones
+            }
             inner = optax.piecewise_constant_schedule(base, boundaries)
         elif o.schedule == "constant":
             inner = optax.constant_schedule(base)
@@ -122,8 +129,9 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
     return _standard_promotion(optax.chain(*parts))
 
 
-def create_train_state(model, tx: optax.GradientTransformation, seed: int,
-                       image_shape: tuple[int, ...]) -> TrainState:
+def create_train_state(
+    model, tx: optax.GradientTransformation, seed: int, image_shape: tuple[int, ...]
+) -> TrainState:
     """Initialize parameters and optimizer state from ``seed`` (pure function)."""
     root = jax.random.key(seed)
     init_key, data_key = jax.random.split(root)
