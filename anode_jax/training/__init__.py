@@ -4,8 +4,9 @@ Entry points: :func:`train_and_evaluate` (what ``train.py`` calls) and :func:`ev
 (``train.py --eval_only``).
 """
 
-from anode_jax.training.config_validation import ConfigError, validate_config
+from anode_jax.training.config_validation import validate_config
 from anode_jax.training.defaults import METHODS, base_config
+from anode_jax.training.errors import ConfigError
 from anode_jax.training.loop import TrainingError, evaluate, train_and_evaluate
 from anode_jax.training.train_state import (
     TrainState,

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from anode_jax.training.defaults import METHOD_BLOCKS, METHODS, base_config
+from anode_jax.training.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adamw")
@@ -25,10 +26,6 @@ _FALLBACK_Q = ("none", "rda", "conv")
 _FALLBACK_SOLVERS = ("euler", "midpoint", "heun", "rk4")
 _ADJOINT_RE = re.compile(r"^(direct|anode|backsolve|checkpointed(:[1-9][0-9]*)?)$")
 ADJOINT_CHOICES = "direct, anode, backsolve, checkpointed:K (K >= 1)"
-
-
-class ConfigError(ValueError):
-    """An invalid training config (one clear line)."""
 
 
 def model_names() -> tuple[str, ...]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from anode_jax.training.errors import ConfigError
+
 METHODS = ("baseline", "backsolve", "anode", "anodev2")
 CIFAR_MODELS = ("resnet", "sqnxt", "resnet4", "resnet10", "alexnet")
 
@@ -74,8 +76,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 def parse_model_method(arg: str, *, valid_models=CIFAR_MODELS) -> tuple[str, str]:
     """``"resnet4-anode"`` -> ``("resnet4", "anode")``, with a clear error otherwise."""
-    from anode_jax.training.config_validation import ConfigError
-
     model, sep, method = (arg or "").strip().partition("-")
     if not sep or model not in valid_models or method not in METHODS:
         raise ConfigError(

@@ -30,6 +30,7 @@ from anode_jax.data import Dataset, TrainOrder, eval_batches, load_dataset, pad_
 from anode_jax.training import sharding as shd
 from anode_jax.training.checkpoints import Checkpointer
 from anode_jax.training.config_validation import validate_config
+from anode_jax.training.errors import ConfigError
 from anode_jax.training.metrics import MetricsLog, summarize
 from anode_jax.training.steps import make_eval_step, make_train_step
 from anode_jax.training.train_state import (
@@ -115,8 +116,6 @@ def _setup(config, workdir: str) -> _Setup:
         config.data.name, config.data.dir, config.data.train_size, config.data.test_size
     )
     if config.batch_size > dataset.num_train:
-        from anode_jax.training.config_validation import ConfigError
-
         raise ConfigError(
             f"config.batch_size={config.batch_size} exceeds the {dataset.num_train} training "
             f"examples of {dataset.name}; lower it or raise config.data.train_size"
