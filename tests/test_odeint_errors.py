@@ -25,7 +25,7 @@ FIELD = lambda t, y, a: -y
             "Unknown adjoint 'adjoint'; valid names are 'direct', 'anode', 'backsolve' and 'checkpointed:K'",
         ),
         (dict(adjoint="checkpointed:x"), ValueError, "Unknown adjoint"),
-        (dict(adjoint=None), TypeError, "adjoint must be one of"),
+        (dict(adjoint=None), TypeError, "adjoint must be a name or an AbstractAdjoint"),
         (dict(num_steps=0), ValueError, "num_steps must be >= 1, got 0"),
         (dict(num_steps=2.5), TypeError, "num_steps must be a Python int"),
         (dict(num_steps=True), TypeError, "num_steps must be a Python int"),

@@ -1,30 +1,36 @@
 """The pure core: fixed-step ODE solvers and gradient strategies. Imports no Flax."""
 
-from anode_jax.ode._adjoint import (
-    ADJOINTS,
-    AbstractAdjoint,
-    Anode,
-    Backsolve,
-    Checkpointed,
-    Direct,
-    get_adjoint,
-)
 from anode_jax.ode._loop import DEFAULT_MAX_UNROLL
 from anode_jax.ode._odeint import odeint
+from anode_jax.ode._policy import uses_plain_convolutions
+from anode_jax.ode._registry import get_solver, solver_names
 from anode_jax.ode._solvers import (
     EULER,
     HEUN,
     MIDPOINT,
     RK4,
     SOLVERS,
+    AbstractReversibleSolver,
+    AbstractSolver,
     ButcherTableau,
-    get_solver,
     make_step,
+)
+from anode_jax.ode.adjoints import (
+    ADJOINTS,
+    AbstractAdjoint,
+    Anode,
+    Backsolve,
+    Checkpointed,
+    Direct,
+    SolveSpec,
+    get_adjoint,
 )
 
 __all__ = [
     "ADJOINTS",
     "AbstractAdjoint",
+    "AbstractReversibleSolver",
+    "AbstractSolver",
     "Anode",
     "Backsolve",
     "ButcherTableau",
@@ -36,8 +42,11 @@ __all__ = [
     "MIDPOINT",
     "RK4",
     "SOLVERS",
+    "SolveSpec",
     "get_adjoint",
     "get_solver",
     "make_step",
     "odeint",
+    "solver_names",
+    "uses_plain_convolutions",
 ]

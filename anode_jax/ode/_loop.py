@@ -1,8 +1,7 @@
-"""The fixed-step time loop: Python-unrolled for short solves, `lax.scan` for long ones.
+"""The fixed-step time loop: `lax.scan` (program size independent of Nt) or Python-unrolled.
 
-Why both: on XLA:CPU, reverse-mode through convolutions inside a `lax.scan` ran 15–20× slower
-than the same steps unrolled (measured here: 8 conv-ReLU Euler steps, 209 ms vs 11 ms), while a
-loop bounds compile time and program size. Short solves are unrolled; long ones loop.
+The default policy (`_policy.resolve_unroll`) loops; unrolling remains for vector fields with
+plain `lax` convolutions on CPU, whose gradients are slow inside a loop there.
 """
 
 from __future__ import annotations
@@ -14,27 +13,14 @@ from jax import lax
 
 from anode_jax._typing import PyTree, StepFn
 
-# Solves with at most this many steps are unrolled when `unroll=None` (see module docstring and
-# docs/benchmarks.md for the measurement behind it).
+# With plain lax convolutions on CPU, solves of at most this many steps are unrolled when
+# `unroll=None` (see _policy.py and docs/benchmarks.md for the measurement behind it).
 DEFAULT_MAX_UNROLL = 16
 
 
 def time_dtype():
     """The float dtype of t handed to vector fields: float64 under jax_enable_x64, else float32."""
     return jnp.result_type(float)
-
-
-def resolve_unroll(unroll: bool | int | None, num_steps: int) -> bool:
-    """Whether a loop of `num_steps` steps is unrolled.
-
-    `unroll`: True/False force it; an int n unrolls solves of at most n steps; None uses
-    DEFAULT_MAX_UNROLL.
-    """
-    if unroll is None:
-        return num_steps <= DEFAULT_MAX_UNROLL
-    if isinstance(unroll, bool):
-        return unroll
-    return num_steps <= unroll
 
 
 def integrate(

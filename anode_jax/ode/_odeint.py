@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from anode_jax._typing import PyTree, VectorField
-from anode_jax.ode import _loop
-from anode_jax.ode._adjoint import AbstractAdjoint, SolveSpec, get_adjoint
-from anode_jax.ode._solvers import ButcherTableau, get_solver
+from anode_jax.ode import _loop, _policy
+from anode_jax.ode._registry import get_solver
+from anode_jax.ode._solvers import AbstractSolver
+from anode_jax.ode.adjoints import AbstractAdjoint, SolveSpec, get_adjoint
 
 
 def odeint(
@@ -22,7 +23,7 @@ def odeint(
     t0: float = 0.0,
     t1: float = 1.0,
     num_steps: int,
-    solver: str | ButcherTableau = "rk4",
+    solver: str | AbstractSolver = "rk4",
     adjoint: str | AbstractAdjoint = "anode",
     unroll: bool | int | None = None,
 ) -> PyTree:
@@ -41,12 +42,16 @@ def odeint(
         into the differentiated inputs (closure conversion), so every strategy sees them.
       t0, t1: static Python numbers, t1 != t0 (t1 < t0 integrates backwards).
       num_steps: Nt >= 1 fixed steps of size (t1 - t0) / Nt.
-      solver: "euler", "midpoint" (RK2), "heun", "rk4", or any explicit ButcherTableau.
+      solver: "euler", "midpoint" (RK2), "heun", "rk4", any explicit ButcherTableau, or
+        another AbstractSolver.
       adjoint: gradient strategy: "anode" (default: exact, O(L)+O(Nt) memory), "direct",
         "checkpointed:K" / Checkpointed(K) (exact, at most K states of a block), or "backsolve"
         (Neural ODE adjoint; approximate, baseline only).
-      unroll: unroll the time loop (True), use `lax.scan` (False), unroll up to n steps (int), or
-        None for the measured default (unroll up to 16 steps).
+      unroll: unroll the time loop (True), loop with `lax.scan` (False: program size and compile
+        time independent of Nt), unroll up to n steps (int), or None (default): loop, except
+        for vector fields with plain `lax.conv_general_dilated` on CPU, which unroll up to 16
+        steps with a one-time warning (their gradient is slow in a loop there; use
+        `anode_jax.nn.conv_general_dilated`). See docs/core.md, "Loop policy".
 
     Returns:
       y(t1), with y0's structure.
@@ -55,8 +60,9 @@ def odeint(
         raise TypeError(
             f"vector_field must be callable f(t, y, args), got {type(vector_field).__name__}."
         )
-    tableau = get_solver(solver)
+    solver = get_solver(solver)
     strategy = get_adjoint(adjoint)
+    strategy.check_solver(solver)
     num_steps = _check_num_steps(num_steps)
     t0 = _check_time("t0", t0)
     t1 = _check_time("t1", t1)
@@ -69,15 +75,23 @@ def odeint(
     t_example = jnp.zeros((), _loop.time_dtype())
     _check_output(vector_field, t_example, y0, args)
 
-    spec = SolveSpec(tableau, t0, t1, num_steps, _loop.resolve_unroll(unroll, num_steps))
+    spec = SolveSpec(
+        solver,
+        t0,
+        t1,
+        num_steps,
+        _policy.resolve_unroll(unroll, num_steps, vector_field, t_example, y0, args),
+    )
+    t_start = jnp.asarray(t0, _loop.time_dtype())
+    state0 = solver.init(vector_field, t_start, y0, args)
     if not strategy.needs_closure_conversion:
-        return strategy.solve(vector_field, y0, args, spec)
+        return solver.output(strategy.solve(vector_field, state0, args, spec))
     # custom_vjp cannot differentiate values a function captures by closure; hoist them into
     # the differentiated inputs instead of silently dropping their gradient.
     closed_field, consts = jax.closure_convert(vector_field, t_example, y0, args)
-    if not consts:
-        return strategy.solve(vector_field, y0, args, spec)
-    return strategy.solve(_WithConsts(closed_field), y0, (args, tuple(consts)), spec)
+    if consts:
+        vector_field, args = _WithConsts(closed_field), (args, tuple(consts))
+    return solver.output(strategy.solve(vector_field, state0, args, spec))
 
 
 class _WithConsts:

@@ -1,4 +1,8 @@
-"""Explicit Runge–Kutta solvers given by Butcher tableaux.
+"""The solver interface and the explicit Runge–Kutta solvers given by Butcher tableaux.
+
+A solver advances a *solver state* by fixed steps: `init` builds the state from y0, `step`
+advances it by dt, `output` reads y from it. For Runge–Kutta methods the state is y itself;
+the reversible solvers (`_reversible.py`) carry an auxiliary state and add `inverse_step`.
 
 One step of an s-stage explicit method for y' = f(t, y) (Hairer, Nørsett & Wanner, Eq. II.1.8):
 
@@ -10,6 +14,7 @@ Forward Euler with one step of h = 1 is exactly a residual block y + f(y).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -19,8 +24,48 @@ import jax
 from anode_jax._typing import Array, PyTree, StepFn, VectorField
 
 
+class AbstractSolver(abc.ABC):
+    """A fixed-step one-step method over a solver state (a pytree of floating arrays).
+
+    Subclasses implement `step`; `init` and `output` default to the identity (state = y).
+    Every method is a pure function of its arguments: parameters arrive through `args`.
+    """
+
+    name: str  # a short name for error messages and tables
+    order: int  # the classical order of accuracy
+    # True for solvers whose step can be inverted algebraically (`AbstractReversibleSolver`).
+    reversible = False
+
+    def init(self, vector_field: VectorField, t0: Array, y0: PyTree, args: PyTree) -> PyTree:
+        """The solver state at t0 for the initial value y0."""
+        del vector_field, t0, args
+        return y0
+
+    @abc.abstractmethod
+    def step(
+        self, vector_field: VectorField, t: Array, dt: float, state: PyTree, args: PyTree
+    ) -> PyTree:
+        """The solver state at t + dt from the state at t."""
+
+    def output(self, state: PyTree) -> PyTree:
+        """y read off a solver state."""
+        return state
+
+
+class AbstractReversibleSolver(AbstractSolver):
+    """A solver whose step the backward pass inverts exactly (up to round-off)."""
+
+    reversible = True
+
+    @abc.abstractmethod
+    def inverse_step(
+        self, vector_field: VectorField, t: Array, dt: float, state_next: PyTree, args: PyTree
+    ) -> PyTree:
+        """The state at t reconstructed from the state at t + dt (`step`'s algebraic inverse)."""
+
+
 @dataclasses.dataclass(frozen=True)
-class ButcherTableau:
+class ButcherTableau(AbstractSolver):
     """An explicit Runge–Kutta method.
 
     Attributes:
@@ -71,6 +116,9 @@ class ButcherTableau:
     def num_stages(self) -> int:
         return len(self.b)
 
+    def step(self, vector_field, t, dt, state, args):
+        return rk_step(self, vector_field, t, dt, state, args)
+
 
 EULER = ButcherTableau(a=((),), b=(1.0,), c=(0.0,), order=1, name="euler")
 MIDPOINT = ButcherTableau(a=((), (0.5,)), b=(0.0, 1.0), c=(0.0, 0.5), order=2, name="midpoint")
@@ -84,24 +132,6 @@ RK4 = ButcherTableau(
 )
 
 SOLVERS: dict[str, ButcherTableau] = {t.name: t for t in (EULER, MIDPOINT, HEUN, RK4)}
-
-
-def get_solver(solver: str | ButcherTableau) -> ButcherTableau:
-    """Returns the tableau for a solver name or passes a ButcherTableau through."""
-    if isinstance(solver, ButcherTableau):
-        return solver
-    if isinstance(solver, str):
-        try:
-            return SOLVERS[solver]
-        except KeyError:
-            raise ValueError(
-                f"Unknown solver {solver!r}; valid names are {sorted(SOLVERS)}, or pass a "
-                "ButcherTableau."
-            ) from None
-    raise TypeError(
-        f"solver must be a name in {sorted(SOLVERS)} or a ButcherTableau, got "
-        f"{type(solver).__name__}."
-    )
 
 
 def _axpy(y: PyTree, h: float, coeffs: Sequence[float], ks: Sequence[PyTree]) -> PyTree:
@@ -119,18 +149,22 @@ def _axpy(y: PyTree, h: float, coeffs: Sequence[float], ks: Sequence[PyTree]) ->
     return jax.tree.map(leaf, y, *(k for _, k in terms))
 
 
-def make_step(tableau: ButcherTableau, vector_field: VectorField, dt: float) -> StepFn:
-    """One explicit RK step of fixed size `dt` (Python float; negative integrates backwards).
+def rk_step(
+    tableau: ButcherTableau, vector_field: VectorField, t: Array, dt: float, y: PyTree, args
+) -> PyTree:
+    """One explicit RK step of fixed size `dt` (Python float; negative integrates backwards)."""
+    ks = []
+    for i in range(tableau.num_stages):
+        y_stage = _axpy(y, dt, tableau.a[i], ks)
+        t_stage = t + tableau.c[i] * dt if tableau.c[i] != 0.0 else t
+        ks.append(vector_field(t_stage, y_stage, args))
+    return _axpy(y, dt, tableau.b, ks)
 
-    Returns step(t, y, args) -> y_next where t is a scalar array, y and args pytrees.
-    """
 
-    def step(t: Array, y: PyTree, args: PyTree) -> PyTree:
-        ks = []
-        for i in range(tableau.num_stages):
-            y_stage = _axpy(y, dt, tableau.a[i], ks)
-            t_stage = t + tableau.c[i] * dt if tableau.c[i] != 0.0 else t
-            ks.append(vector_field(t_stage, y_stage, args))
-        return _axpy(y, dt, tableau.b, ks)
+def make_step(solver: AbstractSolver, vector_field: VectorField, dt: float) -> StepFn:
+    """step(t, state, args) -> the solver state after one step of fixed size `dt` from t."""
+
+    def step(t: Array, state: PyTree, args: PyTree) -> PyTree:
+        return solver.step(vector_field, t, dt, state, args)
 
     return step

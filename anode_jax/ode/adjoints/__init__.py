@@ -1,0 +1,62 @@
+"""Gradient strategies: how reverse-mode differentiates a fixed-step solve.
+
+| strategy          | stores in the forward       | backward                                   | exact? |
+|-------------------|-----------------------------|--------------------------------------------|--------|
+| Direct            | every step's internals      | plain reverse-mode                         | yes    |
+| Anode             | the block input y0          | recompute the block (storing Nt states),   | yes    |
+|                   |                             | reverse it step by step (Gholami et al.    |        |
+|                   |                             | 2019, Alg. 1)                              |        |
+| Checkpointed(k)   | the block input y0          | binomial (revolve) schedule: ≤ k states    | yes    |
+|                   |                             | alive, recompute the rest                  |        |
+| Backsolve         | the block output y1         | integrate the adjoint ODE backwards in     | no     |
+|                   |                             | time (Chen et al. 2018, Eq. 4–5)           |        |
+
+One module per strategy; each keeps its primal, forward and backward together.
+"""
+
+from __future__ import annotations
+
+import re
+
+from anode_jax.ode.adjoints.anode import Anode
+from anode_jax.ode.adjoints.backsolve import Backsolve
+from anode_jax.ode.adjoints.base import AbstractAdjoint, SolveSpec
+from anode_jax.ode.adjoints.checkpointed import Checkpointed
+from anode_jax.ode.adjoints.direct import Direct
+
+ADJOINTS = ("direct", "anode", "checkpointed", "backsolve")
+_CHECKPOINTED_RE = re.compile(r"^checkpointed(?::(\d+))?$")
+_BY_NAME = {"direct": Direct, "anode": Anode, "backsolve": Backsolve}
+_VALID = (
+    "valid names are 'direct', 'anode', 'backsolve' and 'checkpointed:K' (K >= 1 states kept "
+    "per block), or pass Direct(), Anode(), Checkpointed(num_checkpoints=K) or Backsolve()"
+)
+
+
+def get_adjoint(adjoint: str | AbstractAdjoint) -> AbstractAdjoint:
+    """Parses a strategy name ("direct", "anode", "backsolve", "checkpointed[:K]") or object."""
+    if isinstance(adjoint, AbstractAdjoint):
+        return adjoint
+    if isinstance(adjoint, str):
+        if adjoint in _BY_NAME:
+            return _BY_NAME[adjoint]()
+        match = _CHECKPOINTED_RE.match(adjoint)
+        if match:
+            return Checkpointed(int(match.group(1))) if match.group(1) else Checkpointed()
+        raise ValueError(f"Unknown adjoint {adjoint!r}; {_VALID}.")
+    raise TypeError(
+        f"adjoint must be a name or an AbstractAdjoint instance, got {type(adjoint).__name__}; "
+        f"{_VALID}."
+    )
+
+
+__all__ = [
+    "ADJOINTS",
+    "AbstractAdjoint",
+    "Anode",
+    "Backsolve",
+    "Checkpointed",
+    "Direct",
+    "SolveSpec",
+    "get_adjoint",
+]

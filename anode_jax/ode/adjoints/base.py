@@ -1,0 +1,87 @@
+"""The gradient-strategy interface and what every strategy shares.
+
+All strategies compute y(t1) identically in the forward pass; they differ in what the forward
+stores and how the backward pass obtains the vector-Jacobian product. Strategies see the
+*solver state* (y itself for Runge–Kutta methods; y with an auxiliary state for the reversible
+solvers): `odeint` calls `solver.init` before and `solver.output` after `solve`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from anode_jax._typing import Array, PyTree, StepFn, VectorField
+from anode_jax.ode import _loop
+from anode_jax.ode._solvers import AbstractSolver, make_step
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveSpec:
+    """Static description of one fixed-step solve (hashable, no arrays).
+
+    `unroll` is the resolved loop policy: True unrolls the Nt steps in Python, False runs them
+    in `lax.scan` / `fori_loop` (program size and compile time independent of Nt).
+    """
+
+    solver: AbstractSolver
+    t0: float
+    t1: float
+    num_steps: int
+    unroll: bool
+
+    @property
+    def dt(self) -> float:
+        return (self.t1 - self.t0) / self.num_steps
+
+    def time(self, n) -> Array:
+        """t_n = t0 + n dt for a Python or traced integer step index n."""
+        tdtype = _loop.time_dtype()
+        return jnp.asarray(self.t0, tdtype) + jnp.asarray(n, tdtype) * jnp.asarray(self.dt, tdtype)
+
+    def step_fn(self, vector_field: VectorField) -> StepFn:
+        return make_step(self.solver, vector_field, self.dt)
+
+
+class AbstractAdjoint(abc.ABC):
+    """Interface of a gradient strategy.
+
+    `solve(vector_field, state0, args, spec)` returns the solver state at t1. `vector_field`
+    closes over no traced values when `needs_closure_conversion` is True (odeint guarantees
+    it), so strategies may wrap it in custom_vjp freely.
+    """
+
+    name: str = "abstract"
+    # Whether odeint must closure-convert the vector field before calling `solve`.
+    needs_closure_conversion: bool = True
+
+    @abc.abstractmethod
+    def solve(
+        self, vector_field: VectorField, state0: PyTree, args: PyTree, spec: SolveSpec
+    ) -> PyTree: ...
+
+    def check_solver(self, solver: AbstractSolver) -> None:
+        """Raises a clear error if this strategy cannot differentiate `solver`."""
+        del solver
+
+
+def forward(vector_field: VectorField, state0, args, spec: SolveSpec, *, unroll=None):
+    """The solver state at t1: Nt steps from state0, unrolled or looped as `spec` says."""
+    return _loop.integrate(
+        spec.step_fn(vector_field),
+        state0,
+        args,
+        t0=spec.t0,
+        dt=spec.dt,
+        first=0,
+        last=spec.num_steps,
+        unroll=spec.unroll if unroll is None else unroll,
+    )
+
+
+def tree_add(a, b):
+    """a + b leafwise; float0 (integer-leaf) cotangents pass through."""
+    return jax.tree.map(lambda x, y: y if x.dtype == jax.dtypes.float0 else x + y, a, b)
