@@ -238,6 +238,8 @@ def short_reason(e: BaseException) -> str:
     first = first.split(" See full TensorStore details")[0]
     if len(first) > 160:
         first = first[:157] + "..."
+    if type(e) is not Exception and not first.startswith(type(e).__name__):
+        first = f"{type(e).__name__}: {first}"
     if m and m.group(0) not in first:
         first = f"{m.group(0)}: {first}"
     return first
