@@ -8,6 +8,7 @@ trainer process itself, never to a wrapper.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import random
@@ -23,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from anode_jax.training import evaluate
 from anode_jax.training.checkpoints import (
     DAMAGED_DIRNAME,
     Checkpointer,
     CheckpointReadError,
+    CheckpointWriteError,
 )
 from anode_jax.training.errors import TrainingError
 from anode_jax.training.metrics import MetricsLog
@@ -40,6 +43,7 @@ from tests._training_helpers import (
     cli_args,
     records,
     subprocess_env,
+    tiny_digits,
 )
 
 OVERRIDES = {**TINY_DIGITS, "data.train_size": 512, "num_epochs": 4}  # 16 steps/epoch
@@ -314,6 +318,38 @@ def test_a_config_mismatch_is_not_damage(tmp_path):
         ck.restore_latest(_state(0), check_meta=refuse)
     assert steps_on_disk(tmp_path) == [1, 2, 3] and not (tmp_path / DAMAGED_DIRNAME).exists()
     assert ck.restore_latest(_state(0))[1]["step"] == 3
+
+
+def test_a_failed_save_names_the_intact_checkpoint(tmp_path):
+    ck = _saved(tmp_path / "checkpoints")
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+
+    ck._mngr.save = enospc  # the orbax boundary
+    with pytest.raises(CheckpointWriteError) as e:
+        ck.save(_state(4), {"step": 4})
+    assert str(e.value) == (
+        f"writing to {tmp_path} failed (OSError: [Errno 28] No space left on device: "
+        f"'{tmp_path}'); the latest complete checkpoint, step 3 in {tmp_path / 'checkpoints'}, "
+        "is intact and the same command resumes from it once space is freed or permissions fixed"
+    )
+
+
+def test_a_save_that_never_commits_is_an_error(tmp_path):
+    """Orbax only logs some background failures; the missing step folder gives them away."""
+    ck = _saved(tmp_path / "checkpoints")
+    ck._mngr.save = lambda *args, **kwargs: True  # "saved", but nothing reaches the disk
+    ck.save(_state(4), {"step": 4})
+    with pytest.raises(CheckpointWriteError, match=r"\(RuntimeError: checkpoint step 4 was not"):
+        ck.wait()
+
+
+def test_eval_only_also_needs_the_lock(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    busy = f"is in use by process {os.getpid()} "
+    with WorkdirLock(str(tmp_path)), pytest.raises(WorkdirBusyError, match=busy):
+        evaluate(tiny_digits(), str(tmp_path))
 
 
 # ------------------------------------------------------------------ end to end (train.py)
