@@ -16,6 +16,7 @@ writes exactly the lines an uninterrupted run would have written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -282,6 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         return _train(setup)
     except OSError as e:  # e.g. metrics.jsonl on a full disk; checkpoint writes raise their own
+        with contextlib.suppress(TrainingError):
+            setup.checkpointer.wait()  # a save in flight first, so the message names the latest
         raise setup.checkpointer.write_error(e) from None
     finally:
         setup.release()
