@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anode_jax.training import evaluate
+from anode_jax.training import evaluate, train_and_evaluate
 from anode_jax.training.checkpoints import (
     DAMAGED_DIRNAME,
     Checkpointer,
@@ -350,6 +350,18 @@ def test_eval_only_also_needs_the_lock(tmp_path):
     busy = f"is in use by process {os.getpid()} "
     with WorkdirLock(str(tmp_path)), pytest.raises(WorkdirBusyError, match=busy):
         evaluate(tiny_digits(), str(tmp_path))
+
+
+def test_an_unwritable_metrics_file_is_one_line_and_frees_the_lock(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()  # any OSError on the metrics file (root ignores modes)
+    with pytest.raises(CheckpointWriteError) as e:
+        train_and_evaluate(tiny_digits(num_epochs=1), str(tmp_path))
+    assert str(e.value) == (
+        f"writing to {tmp_path} failed (IsADirectoryError: [Errno 21] Is a directory: "
+        f"'{tmp_path / 'metrics.jsonl'}'); no checkpoint was completed in "
+        f"{tmp_path / 'checkpoints'}; a rerun starts from step 0"
+    )
+    WorkdirLock(str(tmp_path)).acquire().release()  # released on the way out
 
 
 # ------------------------------------------------------------------ end to end (train.py)
