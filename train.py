@@ -108,6 +108,8 @@ def main(argv):
             train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ConfigError, DataError, TrainingError) as e:
         _fail(e)
+    except OSError as e:  # a filesystem fault the trainer did not anticipate: still one line
+        _fail(f"{e} (workdir {os.path.abspath(FLAGS.workdir)})")
 
 
 if __name__ == "__main__":

@@ -191,7 +191,14 @@ class Checkpointer:
                 while os.path.exists(dest):  # an earlier damaged copy of the same step
                     n += 1
                     dest = os.path.join(dest_root, f"{step}.{n}")
-                os.rename(os.path.join(self.directory, str(step)), dest)
+                try:
+                    os.rename(os.path.join(self.directory, str(step)), dest)
+                except OSError as e:
+                    raise CheckpointReadError(
+                        f"checkpoint step {step} in {self.directory} cannot be read ({reason}) "
+                        f"and moving it to {dest} failed ({short_reason(e)}); move it away by "
+                        "hand and rerun"
+                    ) from None
                 notes.append(
                     f"checkpoint step {step} in {self.directory} cannot be read ({reason}); "
                     f"moved it to {dest} and resumed from step {restored}"
