@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from anode_jax.training.errors import TrainingError
@@ -144,7 +145,9 @@ class Checkpointer:
                 check_meta(meta)
             try:
                 state = self._restore_state(template, step)
-                restored_step = int(jax.device_get(state.step))
+                # addressable_data: a replicated array of a multi-process run is not fully
+                # addressable, and device_get would refuse it.
+                restored_step = int(np.asarray(state.step.addressable_data(0)))
                 if restored_step != step:
                     raise ValueError(f"its state is at step {restored_step}")
             except Exception as e:
