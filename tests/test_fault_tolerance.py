@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import random
 import re
@@ -119,8 +120,6 @@ def reference(tmp_path_factory, env) -> Path:
 
 def assert_same_results(reference: Path, workdir: Path) -> None:
     """Identical summary metrics and metrics.jsonl lines (timing fields aside)."""
-    import json
-
     sa = json.loads((reference / "summary.json").read_text())
     sb = json.loads((workdir / "summary.json").read_text())
     assert {k: sa[k] for k in SUMMARY_KEYS} == {k: sb[k] for k in SUMMARY_KEYS}
