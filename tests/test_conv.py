@@ -270,7 +270,11 @@ def test_nn_package_imports_no_flax():
 
 
 def test_weight_gradient_method_rule():
-    # 1×1 kernels: always one product; large images: per-tap products; small: convolution.
+    # per-tap products for ≤ 3 taps or from 64·64 channels per group; one convolution else
+    assert weight_gradient_method((128, 32, 32, 8), (1, 3, 8, 16), (128, 32, 32, 16)) == "taps"
+    assert weight_gradient_method((128, 32, 32, 32), (1, 1, 32, 16), (128, 32, 32, 16)) == "taps"
     assert weight_gradient_method((128, 8, 8, 256), (1, 1, 256, 256), (128, 8, 8, 256)) == "taps"
     assert weight_gradient_method((128, 32, 32, 64), (3, 3, 64, 64), (128, 32, 32, 64)) == "taps"
-    assert weight_gradient_method((128, 8, 8, 256), (3, 3, 256, 256), (128, 8, 8, 256)) == "conv"
+    assert weight_gradient_method((128, 4, 4, 512), (3, 3, 512, 512), (128, 4, 4, 512)) == "taps"
+    assert weight_gradient_method((128, 32, 32, 32), (3, 3, 32, 32), (128, 32, 32, 32)) == "conv"
+    assert weight_gradient_method((128, 8, 8, 64), (3, 3, 16, 64), (128, 8, 8, 64), 4) == "conv"

@@ -61,22 +61,27 @@ def weight_gradient_method(
     * ``"taps"``: one batch-parallel matrix product ``Σ_n x_nᵀ·g_n`` per kernel tap
       (``einsum("n…i,n…o->nio").sum(0)`` over a strided slice of the padded input);
     * ``"conv"``: one canonical convolution with the input's channels as batch and the
-      output cotangent as kernel.
+      output cotangent as kernel (what XLA:CPU does for lax's weight gradient at top level).
 
-    Rule (XLA:CPU, measured in benchmarks/bench_conv.py, docs/bench_conv.md): "taps" when
-    the output has at least ``_TAPS_MIN_PIXELS`` pixels per image or the kernel is 1×1;
-    "conv" otherwise.
+    Rule (XLA:CPU, measured in benchmarks/bench_conv.py, docs/bench_conv.md): "taps" when the
+    kernel has at most 3 taps (1×1, 1×3, 3×1) or the per-group channel product
+    ``(C_in/G)·(C_out/G)`` is at least ``64·64`` (each tap's product is then a large enough
+    matrix product); "conv" otherwise (e.g. 3×3 with 16 or 32 channels), whatever the image
+    size.
     """
-    del lhs_shape, feature_group_count
-    pixels = math.prod(out_shape[1:-1])
+    del lhs_shape, out_shape
     taps = math.prod(rhs_shape[:-2])
-    if taps == 1 or pixels >= _TAPS_MIN_PIXELS:
+    cin_per_group = rhs_shape[-2]
+    cout_per_group = rhs_shape[-1] // feature_group_count
+    if taps <= _TAPS_MAX_SMALL_KERNEL or cin_per_group * cout_per_group >= _TAPS_MIN_CHANNELS:
         return "taps"
     return "conv"
 
 
-#: Output pixels per image from which the per-tap formulation is used (docs/bench_conv.md).
-_TAPS_MIN_PIXELS = 256
+#: Kernels with at most this many taps use the per-tap formulation (docs/bench_conv.md).
+_TAPS_MAX_SMALL_KERNEL = 3
+#: (C_in/G)·(C_out/G) from which the per-tap formulation is used (docs/bench_conv.md).
+_TAPS_MIN_CHANNELS = 64 * 64
 
 
 def conv_general_dilated(
