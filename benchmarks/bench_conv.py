@@ -155,6 +155,11 @@ def main():
     parser.add_argument("--scan-repeats", type=int, default=2)
     parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the measured shapes' rows in the existing docs/bench_conv.json",
+    )
+    parser.add_argument(
         "--markdown-only",
         action="store_true",
         help="re-render docs/bench_conv.md from docs/bench_conv.json, measure nothing",
@@ -172,6 +177,7 @@ def main():
     else:
         indices = QUICK if args.quick else range(len(SHAPES))
     rows = []
+    previous_command = ""
     for i in indices:
         start = time.perf_counter()
         row = measure(SHAPES[i], args)
@@ -184,10 +190,20 @@ def main():
             f"{row['scan_safe'] * 1e3:7.1f} ms  [{time.perf_counter() - start:.0f} s]",
             flush=True,
         )
+    json_path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_conv.json")
+    if args.merge and os.path.exists(json_path):
+        with open(json_path) as f:
+            old_payload = json.load(f)
+        old_rows = {r["shape"]: r for r in old_payload["rows"]}
+        previous_command = old_payload["settings"]["command"]
+        old_rows.update({r["shape"]: r for r in rows})
+        order = [shape[0] for shape in SHAPES]
+        rows = sorted(old_rows.values(), key=lambda r: order.index(r["shape"]))
     payload = {
         "machine": _common.machine(),
         "settings": {
-            "command": " ".join(["benchmarks/bench_conv.py"] + sys.argv[1:]),
+            "command": (previous_command + "` then `" if args.merge else "")
+            + " ".join(["benchmarks/bench_conv.py"] + sys.argv[1:]),
             "batch": args.batch,
             "scan_batch": args.scan_batch,
             "scan_steps": args.scan_steps,
