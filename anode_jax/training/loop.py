@@ -33,6 +33,7 @@ from anode_jax.training.config_validation import validate_config
 from anode_jax.training.errors import ConfigError
 from anode_jax.training.metrics import MetricsLog, summarize
 from anode_jax.training.steps import make_eval_step, make_train_step
+from anode_jax.training.tensorboard import TensorBoardWriter, truncate_events_after
 from anode_jax.training.train_state import (
     TrainState,
     build_model,
@@ -272,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     if setup.is_main:
         dropped = log.truncate_after(start_step)
+        truncate_events_after(workdir, start_step)  # TensorBoard: same steps as metrics.jsonl
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2, default=list)
     _log(setup, f"{ds.describe()}")
@@ -310,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             },
         )
 
+    tb = TensorBoardWriter(workdir) if setup.is_main and cfg.tensorboard else None
     window: list[dict[str, jax.Array]] = []
     win_t0, win_step0 = time.perf_counter(), start_step
     pbar = tqdm(
@@ -362,6 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 }
                 if setup.is_main:
                     log.write(rec)
+                    if tb:
+                        tb.write(rec)
                 pbar.set_postfix(
                     loss=f"{rec['loss']:.4f}",
                     acc=f"{rec['accuracy']:.3f}",
@@ -385,6 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 }
                 if setup.is_main:
                     log.write(rec)
+                    if tb:
+                        tb.write(rec)
                     pbar.write(
                         f"epoch {epoch}/{cfg.num_epochs} step {done}: test accuracy "
                         f"{ev['accuracy']:.4f} loss {ev['loss']:.4f}"
@@ -395,6 +402,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pbar.update(1)
     finally:
         pbar.close()
+        if tb:
+            tb.close()
     if ckpt.latest_step() != total:
         save(total)  # e.g. a run whose final state predates this code path
     ckpt.close()
