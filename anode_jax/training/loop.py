@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -259,7 +260,9 @@ def _compile_steps(setup: _Setup):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); return the summary."""
-    from tqdm.auto import tqdm
+    with warnings.catch_warnings():  # in Jupyter without ipywidgets: a warning, then text bars
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
 
     setup = _setup(config, workdir)
     cfg, ds, order = setup.config, setup.dataset, setup.order
