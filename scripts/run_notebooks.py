@@ -20,9 +20,8 @@ imports anything the package does not ship, fails here.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import fcntl
-import glob
 import json
 import os
 import pathlib
@@ -33,6 +32,7 @@ import sysconfig
 import tempfile
 import time
 import venv
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -100,13 +100,25 @@ def kernel_env(python: pathlib.Path, wheel: pathlib.Path) -> dict[str, str]:
     return env
 
 
+_CPU_PROBE = """import resource as _r
+_u = _r.getrusage(_r.RUSAGE_SELF)
+print("cpu_seconds", _u.ru_utime + _u.ru_stime)"""
+
+
+@dataclasses.dataclass
+class Executed:
+    notebook: Any  # nbformat.NotebookNode, outputs filled in
+    seconds: float  # wall time of the whole run, kernel start included
+    cpu_seconds: float  # the kernel's CPU time (user + system, all threads)
+    python: pathlib.Path  # the fresh venv's interpreter
+
+
 def execute(
     path: pathlib.Path, workdir: pathlib.Path, wheel: pathlib.Path, *, timeout: int = 600
-) -> tuple[object, float, pathlib.Path]:
+) -> Executed:
     """Run ``path`` top to bottom in a fresh venv under ``workdir`` (also the kernel's cwd).
 
-    Returns ``(executed notebook, seconds, venv python)``; raises
-    ``nbclient.exceptions.CellExecutionError`` when a cell fails.
+    Raises ``nbclient.exceptions.CellExecutionError`` when a cell fails.
     """
     import nbclient
     import nbformat
@@ -139,12 +151,17 @@ def execute(
         record_timing=False,
         resources={"metadata": {"path": str(run_dir)}},
     )
+    # A last cell, removed again, reports the kernel's CPU time (user + system, all threads):
+    # wall time on this shared machine depends on the load, CPU time much less.
+    nb.cells.append(nbformat.v4.new_code_cell(_CPU_PROBE))
     t = time.perf_counter()
     client.execute(env=kernel_env(python, wheel), cwd=str(run_dir))
     seconds = time.perf_counter() - t
+    probe = nb.cells.pop()
+    cpu = float("".join(o.get("text", "") for o in probe.outputs).split()[-1])
     nb.metadata = metadata
     nb.metadata["language_info"] = {"name": "python"}
-    return nb, seconds, python
+    return Executed(nb, seconds, cpu, python)
 
 
 def _select(names: list[str]) -> list[pathlib.Path]:
@@ -173,15 +190,16 @@ def main() -> None:
         for i, path in enumerate(_select(args.names)):
             work = tmp / f"run{i}"
             work.mkdir()
-            nb, seconds, _ = execute(path, work, wheel)
+            run = execute(path, work, wheel)
             if not args.check:
-                with contextlib.suppress(FileNotFoundError):
-                    for f in glob.glob(str(path) + ".tmp"):
-                        os.remove(f)
-                nbformat.write(nb, str(path) + ".tmp")
+                nbformat.write(run.notebook, str(path) + ".tmp")
                 os.replace(str(path) + ".tmp", path)
             size = os.path.getsize(path) / 1024
-            print(f"{path.name}: {seconds:.1f} s, {size:.0f} KiB", flush=True)
+            print(
+                f"{path.name}: {run.seconds:.0f} s wall, {run.cpu_seconds:.0f} s kernel CPU, "
+                f"{size:.0f} KiB",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
