@@ -132,6 +132,7 @@ def validate_config(
         "data.flip",
         "progress_bar",
         "plots",
+        "tensorboard",
         "distributed",
         "optim.nesterov",
     ):

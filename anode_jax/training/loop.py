@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -34,6 +35,7 @@ from anode_jax.training.config_validation import validate_config
 from anode_jax.training.errors import ConfigError, TrainingError
 from anode_jax.training.metrics import MetricsLog, summarize
 from anode_jax.training.steps import make_eval_step, make_train_step
+from anode_jax.training.tensorboard import TensorBoardWriter, truncate_events_after
 from anode_jax.training.train_state import (
     TrainState,
     build_model,
@@ -291,7 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(setup: _Setup) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    with warnings.catch_warnings():  # in Jupyter without ipywidgets: a warning, then text bars
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
 
     workdir = setup.workdir
     cfg, ds, order = setup.config, setup.dataset, setup.order
@@ -305,6 +309,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     if setup.is_main:
         dropped = log.truncate_after(start_step)
+        truncate_events_after(workdir, start_step)  # TensorBoard: same steps as metrics.jsonl
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2, default=list)
     _log(setup, f"{ds.describe()}")
@@ -343,6 +348,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
             },
         )
 
+    tb = TensorBoardWriter(workdir) if setup.is_main and cfg.tensorboard else None
     window: list[dict[str, jax.Array]] = []
     win_t0, win_step0 = time.perf_counter(), start_step
     pbar = tqdm(
@@ -395,6 +401,8 @@ def _train(setup: _Setup) -> dict[str, Any]:
                 }
                 if setup.is_main:
                     log.write(rec)
+                    if tb:
+                        tb.write(rec)
                 pbar.set_postfix(
                     loss=f"{rec['loss']:.4f}",
                     acc=f"{rec['accuracy']:.3f}",
@@ -418,6 +426,8 @@ def _train(setup: _Setup) -> dict[str, Any]:
                 }
                 if setup.is_main:
                     log.write(rec)
+                    if tb:
+                        tb.write(rec)
                     pbar.write(
                         f"epoch {epoch}/{cfg.num_epochs} step {done}: test accuracy "
                         f"{ev['accuracy']:.4f} loss {ev['loss']:.4f}"
@@ -428,6 +438,8 @@ def _train(setup: _Setup) -> dict[str, Any]:
             pbar.update(1)
     finally:
         pbar.close()
+        if tb:
+            tb.close()
     if ckpt.latest_step() != total:
         save(total)  # e.g. a run whose final state predates this code path
     ckpt.close()
