@@ -25,15 +25,17 @@ def _anode_fwd(vector_field, y0, args, spec):
 
 def _anode_bwd(vector_field, spec, residuals, ct_y1):
     y0, args = residuals
-    if not spec.unroll:
-        # Looped: recompute the block storing its Nt step inputs in a buffer carried by the loop,
-        # then one loop of step VJPs (the revolve executor with a slot per step). Measured:
-        # L=8, Nt=16: 42 states; differentiating a scan of jax.checkpoint-ed steps held 154
-        # (XLA:CPU did not reuse a loop's stacked outputs across blocks).
+    if not spec.unroll or spec.num_steps > _loop.DEFAULT_MAX_UNROLL:
+        # Recompute the block storing its Nt step inputs, then backpropagate step by step (the
+        # revolve executor with a slot per step; looped: the states sit in a buffer carried by
+        # the loop). Measured at L=8, Nt=16: 42 states; differentiating a scan of
+        # jax.checkpoint-ed steps held 154 (XLA:CPU did not reuse a loop's stacked outputs
+        # across blocks). Unrolled above DEFAULT_MAX_UNROLL steps, Nt steps of internals would
+        # be too many to keep.
         return reverse_solve(vector_field, spec, y0, args, ct_y1, spec.num_steps)
-    # Unrolled: differentiate the recomputed block as a whole (one extra forward pass, every
-    # step's internals alive). The barrier ties the recomputation to the incoming cotangent:
-    # it then runs in the backward pass, one block at a time.
+    # Unrolled short solves: differentiate the recomputed block as a whole (one extra forward
+    # pass, every step's internals alive). The barrier ties the recomputation to the incoming
+    # cotangent: it then runs in the backward pass, one block at a time.
     y0, args, ct_y1 = _loop.tree_barrier(y0, args, ct_y1)
     _, vjp = jax.vjp(lambda y, a: forward(vector_field, y, a, spec), y0, args)
     return vjp(ct_y1)
