@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import jax
 
-from anode_jax.ode import _loop
 from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
 
 
@@ -34,13 +33,4 @@ class Direct(AbstractAdjoint):
         if self.remat_policy is None:
             return forward(vector_field, state0, args, spec)
         step = jax.checkpoint(spec.step_fn(vector_field), policy=self.remat_policy)
-        return _loop.integrate(
-            step,
-            state0,
-            args,
-            t0=spec.t0,
-            dt=spec.dt,
-            first=0,
-            last=spec.num_steps,
-            unroll=spec.unroll,
-        )
+        return forward(vector_field, state0, args, spec, step=step)
