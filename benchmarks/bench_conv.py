@@ -267,9 +267,20 @@ def to_markdown(payload) -> str:
 
 RULE_TEXT = """## Weight-gradient rule
 
-`anode_jax.nn.weight_gradient_method` (used when `weight_gradient="auto"`) picks the
-formulation from the shapes: see its docstring for the current rule; the "rule picks"
-column above marks in bold where the other formulation was measured faster."""
+`anode_jax.nn.weight_gradient_method` (used with the default `weight_gradient="auto"`):
+**per-tap products ("taps") when the kernel has at most 3 taps (1×1, 1×3, 3×1) or
+`(C_in/G)·(C_out/G) ≥ 64·64`; one canonical convolution ("conv") otherwise** (3×3 kernels
+with 16 or 32 channels). The image size did not decide it: "conv" won at 3×3/16 and 3×3/32
+channels at 32×32 pixels, "taps" won for every 3×3 from 64 channels on (32×32 down to
+4×4 pixels; at 3×3/64 channels on 16×16 the two are within noise: taps 1.14× faster in an
+earlier run, conv 1.08× faster in this one) and for the SqueezeNext 1×1/1×3/3×1 kernels. The
+rule is a fit to these few shapes on a loaded 2-core machine (load average about 12: the
+forward columns compute the same program for lax and safe and still differ up to 2.5×, which
+is the noise level of single rows); the "rule picks" column marks in bold where the other
+formulation was measured faster. Outside loops "conv" costs the same as lax's own
+weight gradient (XLA canonicalizes lax's into the same convolution), so the loop-safe
+backward is never meant to be slower than lax's there; inside loops both formulations are
+canonical (tests/test_conv.py, tests/test_loop_layout.py)."""
 
 
 if __name__ == "__main__":

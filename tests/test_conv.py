@@ -278,3 +278,59 @@ def test_weight_gradient_method_rule():
     assert weight_gradient_method((128, 4, 4, 512), (3, 3, 512, 512), (128, 4, 4, 512)) == "taps"
     assert weight_gradient_method((128, 32, 32, 32), (3, 3, 32, 32), (128, 32, 32, 32)) == "conv"
     assert weight_gradient_method((128, 8, 8, 64), (3, 3, 16, 64), (128, 8, 8, 64), 4) == "conv"
+
+
+# ------------------------------------------------------------------------------------------
+# The models' switch (create_model(conv=...)).
+
+
+def test_create_model_rejects_unknown_conv():
+    from anode_jax.models import CONV_NAMES, create_model
+
+    assert CONV_NAMES == ("loop_safe", "lax")
+    with pytest.raises(ValueError, match=r"conv must be one of \('loop_safe', 'lax'\)"):
+        create_model("small", conv="eigen")
+    with pytest.raises(ValueError, match="unroll"):
+        create_model("small", unroll="yes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("resnet", "sqnxt"))
+def test_models_have_the_same_parameters_outputs_and_gradients_with_either_conv(x64, name):
+    # float64 (parameters cast after init): the two convolutions differ only in summation
+    # order, but batch-2 BatchNorm on 1×1 maps amplifies float32 round-off to ~1e-3 relative.
+    import optax
+
+    from anode_jax.models import create_model
+
+    x = _normal(0, (2, 8, 8, 3))
+    y = jnp.array([1, 3], jnp.int32)
+    models = {
+        conv: create_model(name, width=0.125, num_steps=2, adjoint="direct", conv=conv)
+        for conv in ("loop_safe", "lax")
+    }
+    init = {
+        c: m.init({"params": jax.random.PRNGKey(0)}, x.astype(jnp.float32))
+        for c, m in models.items()
+    }
+    assert jax.tree.structure(init["loop_safe"]) == jax.tree.structure(init["lax"])
+    for a, b in zip(jax.tree.leaves(init["loop_safe"]), jax.tree.leaves(init["lax"])):
+        np.testing.assert_array_equal(a, b)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), init["lax"])
+
+    def loss(model):
+        def f(params):
+            logits, _ = model.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+        return jax.jit(jax.grad(f, has_aux=True))
+
+    (g_safe, out_safe), (g_lax, out_lax) = (
+        loss(models["loop_safe"])(variables["params"]),
+        loss(models["lax"])(variables["params"]),
+    )
+    _close(out_safe, out_lax, rtol=1e-10)
+    for a, b in zip(jax.tree.leaves(g_safe), jax.tree.leaves(g_lax)):
+        _close(a, b, rtol=1e-10)
