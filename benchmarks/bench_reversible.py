@@ -20,6 +20,7 @@ ratios are against rows measured in the same run. Writes docs/bench_reversible.{
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -133,8 +134,14 @@ def main():
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--conv", choices=("auto", "nn", "lax"), default="auto")
     parser.add_argument(
-        "--max_direct_steps", type=int, default=16, help="largest Nt for the unrolled direct row"
+        "--max_direct_steps", type=int, default=16, help="largest Nt for the direct row"
     )
+    parser.add_argument(
+        "--direct_unroll",
+        action="store_true",
+        help="unroll the direct reference (its fastest form on XLA:CPU; long compiles)",
+    )
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
         "--no_time", nargs="*", default=[], metavar="NT:STRATEGY", help="memory/compile only"
     )
@@ -142,6 +149,7 @@ def main():
     parser.add_argument("--couplings", type=float, nargs="*", default=[0.999, 0.9, 0.5])
     parser.add_argument("--drift_blocks", type=int, default=2)
     parser.add_argument("--drift_grad_max_steps", type=int, default=64)
+    parser.add_argument("--skip", nargs="*", default=[], metavar="NT:STRATEGY")
     parser.add_argument("--drift_only", action="store_true")
     parser.add_argument("--no_drift", action="store_true")
     args = parser.parse_args()
@@ -170,14 +178,17 @@ def main():
         for num_steps in args.steps:
             cases = [("reversible", "reversible:rk4", None)]
             if num_steps <= args.max_direct_steps:
-                cases.append(("direct", "reversible:rk4", True))
+                cases.append(("direct", "reversible:rk4", bool(args.direct_unroll)))
             cases += [("anode", "rk4", None), ("checkpointed:4", "rk4", None)]
             ref_grads = None
             for adjoint, solver, unroll in cases:
+                if f"{num_steps}:{adjoint}" in args.skip:
+                    continue
                 loss = make_loss(field, num_steps, adjoint, solver, unroll)
                 grad_fn = jax.grad(loss, argnums=1)
                 temp, compile_s, compiled = _common.compiled_temp_bytes(grad_fn, z0, params)
                 row = {
+                    "blocks": args.blocks,
                     "num_steps": num_steps,
                     "strategy": adjoint,
                     "solver": solver,
@@ -188,7 +199,7 @@ def main():
                 }
                 if f"{num_steps}:{adjoint}" not in args.no_time:
                     row["step_s"] = _common.median_seconds(
-                        compiled, z0, params, repeats=args.repeats
+                        compiled, z0, params, repeats=args.repeats, warmup=args.warmup
                     )
                     grads = compiled(z0, params)
                     if adjoint == "reversible":
@@ -203,6 +214,12 @@ def main():
                     f"{row['temp_state_sizes']:7.1f} states, {t}, compile {compile_s:.1f} s",
                     flush=True,
                 )
+    if args.drift_only:  # keep the rows of the last full run
+        path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_reversible.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+            payload.update({k: previous[k] for k in ("rows", "machine", "blocks") if k in previous})
     if not args.no_drift:
         payload["drift"] = drift_rows(
             field, args.drift_steps, args.couplings, args.drift_blocks, args.drift_grad_max_steps

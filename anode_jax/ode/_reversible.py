@@ -170,13 +170,14 @@ class Reversible(AbstractReversibleSolver):
         lam = self.coupling
         y1, z1 = state_next
         ct_y1, ct_z1 = ct_next
+        # Reverse of z1 = z - q(y1), then of y1 = λ y + (1 - λ) z + p(z). Each VJP is applied
+        # as soon as its cotangent exists, so only one increment's internals are alive at once.
         q, vjp_q = jax.vjp(lambda y_, a: self._psi(vector_field, t + dt, -dt, y_, a), y1, args)
+        g_y1, g_args_q = vjp_q(jax.tree.map(lambda c: -c, ct_z1))
+        ct_y1 = _lin((1.0, ct_y1), (1.0, g_y1))
         z = _lin((1.0, z1), (1.0, q))
         p, vjp_p = jax.vjp(lambda z_, a: self._psi(vector_field, t, dt, z_, a), z, args)
         y = _lin((1.0 / lam, y1), (-(1.0 - lam) / lam, z), (-1.0 / lam, p))
-        # Reverse of z1 = z - q(y1), then y1 = λ y + (1 - λ) z + p(z).
-        g_y1, g_args_q = vjp_q(jax.tree.map(lambda c: -c, ct_z1))
-        ct_y1 = _lin((1.0, ct_y1), (1.0, g_y1))
         g_z, g_args_p = vjp_p(ct_y1)
         ct_z = _lin((1.0, ct_z1), (1.0 - lam, ct_y1), (1.0, g_z))
         ct_y = _lin((lam, ct_y1))
