@@ -9,6 +9,8 @@ Running the same command again resumes from the latest checkpoint in --workdir.
 See docs/training.md.
 """
 
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -64,12 +66,38 @@ def _fail(e):
     sys.exit(1)
 
 
+def _quiet_orbax_logs(record) -> bool:
+    """Orbax (and asyncio, for orbax's futures) log background failures with whole
+    tracebacks. Each failure the trainer meets is reported by it as one line: a failed
+    write stops training with ``error: ...``, a damaged checkpoint is skipped with a line
+    naming it. So their ERROR records are dropped and the rest kept to one line
+    (``--verbosity=0`` shows everything)."""
+    if f"{os.sep}orbax{os.sep}" in record.pathname or record.name == "asyncio":
+        if record.levelno >= std_logging.ERROR:
+            return False
+        record.msg = record.getMessage().strip().split("\n", 1)[0][:300]
+        record.args = None
+        record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+def _quiet_closed_loop(unraisable) -> None:
+    """After an asynchronous checkpoint write fails, tensorstore may still complete futures
+    of orbax's closed event loop; their "Event loop is closed" tracebacks say nothing the
+    ``error:`` line does not."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         # Orbax logs every checkpoint step at INFO; progress goes to the tqdm bar instead.
         logging.set_verbosity(logging.WARNING)
+        logging.get_absl_handler().addFilter(_quiet_orbax_logs)
+        sys.unraisablehook = _quiet_closed_loop
     from anode_jax.data import DataError
     from anode_jax.training import ConfigError, TrainingError, evaluate, train_and_evaluate
 
@@ -80,6 +108,8 @@ def main(argv):
             train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ConfigError, DataError, TrainingError) as e:
         _fail(e)
+    except OSError as e:  # a filesystem fault the trainer did not anticipate: still one line
+        _fail(f"{e} (workdir {os.path.abspath(FLAGS.workdir)})")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ See ``docs/models.md`` for layer tables, parameter counts and the normalization 
 
 from ._blocks import CoupledODEBlock, ODEBlock, ResidualBlock
 from ._layers import (
+    CONV_NAMES,
     AlexNetVectorField,
     BasicBlock,
     ResNetVectorField,
@@ -46,6 +47,7 @@ from ._rda import (
 
 __all__ = [
     "BLOCK_TYPES",
+    "CONV_NAMES",
     "MODEL_NAMES",
     "NORM_NAMES",
     "Q_NAMES",

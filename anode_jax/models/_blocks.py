@@ -146,7 +146,8 @@ class ODEBlock(nn.Module):
     Integrated over ``[0, 1]`` with ``num_steps`` fixed steps ``dt = 1/num_steps``
     (paper default ``N_t = 2``) of ``solver`` ("euler" | "midpoint" | "heun" | "rk4" |
     ButcherTableau); gradients by ``adjoint`` ("direct" | "anode" | "backsolve" |
-    "checkpointed:K" | object). Input/output ``z``: ``(N, H, W, C)``.
+    "checkpointed:K" | object). ``unroll``: the time loop's unrolling, passed to
+    :func:`anode_jax.odeint` (None: the core's default). Input/output ``z``: ``(N, H, W, C)``.
     """
 
     vector_field_module: nn.Module
@@ -154,6 +155,7 @@ class ODEBlock(nn.Module):
     solver: Any = "euler"
     adjoint: Any = "anode"
     momentum: float = BN_MOMENTUM
+    unroll: bool | int | None = None
 
     def _solve(self, rhs, y0, args):
         return odeint(
@@ -165,6 +167,7 @@ class ODEBlock(nn.Module):
             num_steps=self.num_steps,
             solver=self.solver,
             adjoint=self.adjoint,
+            unroll=self.unroll,
         )
 
     @nn.compact
@@ -197,7 +200,8 @@ class CoupledODEBlock(nn.Module):
     strategy as :class:`ODEBlock`; trained are ``θ₀`` (``params/vector_field``, same
     tree as ``ODEBlock``) and ``p`` (``params/q``, see ``_rda.py``). ``θ`` is shared by
     the batch, so ``q`` runs once per solver stage. ``q="none"`` keeps ``θ`` constant
-    and reproduces :class:`ODEBlock`. Input/output ``z``: ``(N, H, W, C)``.
+    and reproduces :class:`ODEBlock`. ``unroll`` as in :class:`ODEBlock`. Input/output
+    ``z``: ``(N, H, W, C)``.
     """
 
     vector_field_module: nn.Module
@@ -206,6 +210,7 @@ class CoupledODEBlock(nn.Module):
     solver: Any = "euler"
     adjoint: Any = "anode"
     momentum: float = BN_MOMENTUM
+    unroll: bool | int | None = None
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
@@ -243,6 +248,7 @@ class CoupledODEBlock(nn.Module):
             num_steps=self.num_steps,
             solver=self.solver,
             adjoint=self.adjoint,
+            unroll=self.unroll,
         )
         if track:
             _update_running(self, running, y1[2], self.momentum)

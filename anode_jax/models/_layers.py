@@ -8,11 +8,38 @@ whose blocks are autonomous. Their normalization is :func:`vector_field_norm`
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from anode_jax.nn import conv_general_dilated
 
 from ._norm import standard_norm, vector_field_norm
+
+#: Convolution implementations accepted by ``conv=``: ``"loop_safe"`` (default,
+#: :func:`anode_jax.nn.conv_general_dilated`, whose gradient stays fast inside loops on
+#: XLA:CPU) or ``"lax"`` (``lax.conv_general_dilated``; supports forward-mode autodiff).
+CONV_NAMES = ("loop_safe", "lax")
+
+
+def conv_function(conv: str):
+    """The ``conv_general_dilated`` function of a :data:`CONV_NAMES` entry."""
+    if conv == "loop_safe":
+        return conv_general_dilated
+    if conv == "lax":
+        return lax.conv_general_dilated
+    raise ValueError(f"conv must be one of {CONV_NAMES}, got {conv!r}")
+
+
+def Conv(conv: str, features: int, kernel_size: tuple[int, int], **kwargs: Any) -> nn.Conv:
+    """``nn.Conv`` computed by the :data:`CONV_NAMES` implementation ``conv``.
+
+    Parameters, their names and the result are those of a plain ``nn.Conv``.
+    """
+    return nn.Conv(features, kernel_size, conv_general_dilated=conv_function(conv), **kwargs)
 
 
 class ResNetVectorField(nn.Module):
@@ -24,13 +51,14 @@ class ResNetVectorField(nn.Module):
 
     channels: int
     norm: str = "batch"
+    conv: str = "loop_safe"
 
     @nn.compact
     def __call__(self, t: jax.Array, z: jax.Array, train: bool = False) -> jax.Array:
         del t  # autonomous
-        h = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)(z)
+        h = Conv(self.conv, self.channels, (3, 3), padding="SAME", use_bias=False)(z)
         h = nn.relu(vector_field_norm(self.norm, h, train))
-        h = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)(h)
+        h = Conv(self.conv, self.channels, (3, 3), padding="SAME", use_bias=False)(h)
         return nn.relu(vector_field_norm(self.norm, h, train))
 
 
@@ -43,6 +71,7 @@ class SqueezeNextVectorField(nn.Module):
 
     channels: int
     norm: str = "batch"
+    conv: str = "loop_safe"
 
     @nn.compact
     def __call__(self, t: jax.Array, z: jax.Array, train: bool = False) -> jax.Array:
@@ -57,7 +86,7 @@ class SqueezeNextVectorField(nn.Module):
             (half, (3, 1)),
             (self.channels, (1, 1)),
         ):
-            h = nn.Conv(features, kernel, padding="SAME", use_bias=True)(h)
+            h = Conv(self.conv, features, kernel, padding="SAME", use_bias=True)(h)
             h = nn.relu(vector_field_norm(self.norm, h, train))
         return h
 
@@ -71,11 +100,12 @@ class AlexNetVectorField(nn.Module):
 
     channels: int
     norm: str = "batch"
+    conv: str = "loop_safe"
 
     @nn.compact
     def __call__(self, t: jax.Array, z: jax.Array, train: bool = False) -> jax.Array:
         del t  # autonomous
-        h = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)(z)
+        h = Conv(self.conv, self.channels, (3, 3), padding="SAME", use_bias=False)(z)
         return nn.relu(vector_field_norm(self.norm, h, train))
 
 
@@ -90,20 +120,27 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     norm: str = "batch"
+    conv: str = "loop_safe"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         s = (self.stride, self.stride)
-        h = nn.Conv(self.features, (3, 3), strides=s, padding="SAME", use_bias=False, name="conv1")(
-            x
-        )
+        h = Conv(
+            self.conv,
+            self.features,
+            (3, 3),
+            strides=s,
+            padding="SAME",
+            use_bias=False,
+            name="conv1",
+        )(x)
         h = nn.relu(standard_norm(self.norm, h, train, name="norm1"))
-        h = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(h)
+        h = Conv(self.conv, self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(h)
         h = standard_norm(self.norm, h, train, name="norm2")
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = nn.Conv(
-                self.features, (1, 1), strides=s, use_bias=False, name="shortcut_conv"
+            shortcut = Conv(
+                self.conv, self.features, (1, 1), strides=s, use_bias=False, name="shortcut_conv"
             )(x)
             shortcut = standard_norm(self.norm, shortcut, train, name="shortcut_norm")
         return nn.relu(h + shortcut)
@@ -121,6 +158,7 @@ class SqueezeNextBlock(nn.Module):
     features: int
     stride: int = 1
     norm: str = "batch"
+    conv: str = "loop_safe"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -143,7 +181,8 @@ class SqueezeNextBlock(nn.Module):
                 (self.features, (1, 1), (1, 1)),
             )
         ):
-            h = nn.Conv(
+            h = Conv(
+                self.conv,
                 features,
                 kernel,
                 strides=strides,
@@ -154,8 +193,8 @@ class SqueezeNextBlock(nn.Module):
             h = nn.relu(standard_norm(self.norm, h, train, name=f"norm{i + 1}"))
         shortcut = x
         if self.stride != 1 or cin != self.features:
-            shortcut = nn.Conv(
-                self.features, (1, 1), strides=s, use_bias=True, name="shortcut_conv"
+            shortcut = Conv(
+                self.conv, self.features, (1, 1), strides=s, use_bias=True, name="shortcut_conv"
             )(x)
             shortcut = standard_norm(self.norm, shortcut, train, name="shortcut_norm")
         return nn.relu(h + shortcut)
@@ -172,9 +211,11 @@ def conv_norm_relu(
     strides: int = 1,
     use_bias: bool = False,
     relu: bool = True,
+    conv: str = "loop_safe",
 ) -> jax.Array:
     """``ReLU(norm(conv(x)))`` for stems, transitions and heads (call inside compact)."""
-    h = nn.Conv(
+    h = Conv(
+        conv,
         features,
         kernel,
         strides=(strides, strides),

@@ -22,6 +22,7 @@ from anode_jax.ode import ADJOINTS, get_adjoint, get_solver, solver_names
 
 from ._blocks import CoupledODEBlock, ODEBlock, ResidualBlock
 from ._layers import (
+    CONV_NAMES,
     AlexNetVectorField,
     BasicBlock,
     ResNetVectorField,
@@ -48,6 +49,8 @@ class _Network(nn.Module):
     q: str = "rda"
     norm: str = "batch"
     width: float = 1.0
+    conv: str = "loop_safe"
+    unroll: bool | int | None = None
 
     def ch(self, channels: int) -> int:
         """Channel count scaled by the width multiplier."""
@@ -65,6 +68,7 @@ class _Network(nn.Module):
                 num_steps=self.num_steps,
                 solver=self.solver,
                 adjoint=self.adjoint,
+                unroll=self.unroll,
                 name=name,
             )
         elif self.block == "coupled":
@@ -74,6 +78,7 @@ class _Network(nn.Module):
                 num_steps=self.num_steps,
                 solver=self.solver,
                 adjoint=self.adjoint,
+                unroll=self.unroll,
                 name=name,
             )
         else:
@@ -95,13 +100,15 @@ class SmallNet(_Network):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c1, c2 = self.ch(32), self.ch(64)
-        x = conv_norm_relu(x, c1, (3, 3), norm=self.norm, train=train, name="stem")
+        x = conv_norm_relu(x, c1, (3, 3), norm=self.norm, conv=self.conv, train=train, name="stem")
         x = self.dynamic_block(
-            ResNetVectorField(c1, self.norm, parent=None), x, train, "stage1_ode"
+            ResNetVectorField(c1, self.norm, self.conv, parent=None), x, train, "stage1_ode"
         )
-        x = conv_norm_relu(x, c2, (3, 3), strides=2, norm=self.norm, train=train, name="down2")
+        x = conv_norm_relu(
+            x, c2, (3, 3), strides=2, norm=self.norm, conv=self.conv, train=train, name="down2"
+        )
         x = self.dynamic_block(
-            ResNetVectorField(c2, self.norm, parent=None), x, train, "stage2_ode"
+            ResNetVectorField(c2, self.norm, self.conv, parent=None), x, train, "stage2_ode"
         )
         return self.head(x)
 
@@ -116,12 +123,14 @@ class ResNet18(_Network):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = conv_norm_relu(x, self.ch(64), (3, 3), norm=self.norm, train=train, name="stem")
+        x = conv_norm_relu(
+            x, self.ch(64), (3, 3), norm=self.norm, conv=self.conv, train=train, name="stem"
+        )
         for i, (channels, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
             c = self.ch(channels)
-            x = BasicBlock(c, stride, self.norm, name=f"stage{i}_block")(x, train)
+            x = BasicBlock(c, stride, self.norm, self.conv, name=f"stage{i}_block")(x, train)
             x = self.dynamic_block(
-                ResNetVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode"
+                ResNetVectorField(c, self.norm, self.conv, parent=None), x, train, f"stage{i}_ode"
             )
         return self.head(x)
 
@@ -136,8 +145,10 @@ class ResNet4(_Network):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = self.ch(64)
-        x = conv_norm_relu(x, c, (3, 3), norm=self.norm, train=train, name="stem")
-        x = self.dynamic_block(ResNetVectorField(c, self.norm, parent=None), x, train, "stage1_ode")
+        x = conv_norm_relu(x, c, (3, 3), norm=self.norm, conv=self.conv, train=train, name="stem")
+        x = self.dynamic_block(
+            ResNetVectorField(c, self.norm, self.conv, parent=None), x, train, "stage1_ode"
+        )
         return self.head(x)
 
 
@@ -152,7 +163,9 @@ class ResNet10(_Network):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = conv_norm_relu(x, self.ch(64), (3, 3), norm=self.norm, train=train, name="stem")
+        x = conv_norm_relu(
+            x, self.ch(64), (3, 3), norm=self.norm, conv=self.conv, train=train, name="stem"
+        )
         for i, channels in enumerate((64, 128, 256, 512), start=1):
             c = self.ch(channels)
             if i > 1:
@@ -162,12 +175,13 @@ class ResNet10(_Network):
                     (1, 1),
                     strides=2,
                     norm=self.norm,
+                    conv=self.conv,
                     train=train,
                     name=f"down{i}",
                     relu=False,
                 )
             x = self.dynamic_block(
-                ResNetVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode"
+                ResNetVectorField(c, self.norm, self.conv, parent=None), x, train, f"stage{i}_ode"
             )
         return self.head(x)
 
@@ -188,12 +202,24 @@ class AlexNet(_Network):
         def pool(h):
             return nn.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
 
-        x = pool(conv_norm_relu(x, self.ch(64), (5, 5), norm=self.norm, train=train, name="conv1"))
-        x = pool(conv_norm_relu(x, self.ch(192), (5, 5), norm=self.norm, train=train, name="conv2"))
-        x = conv_norm_relu(x, self.ch(384), (3, 3), norm=self.norm, train=train, name="conv3")
+        x = pool(
+            conv_norm_relu(
+                x, self.ch(64), (5, 5), norm=self.norm, conv=self.conv, train=train, name="conv1"
+            )
+        )
+        x = pool(
+            conv_norm_relu(
+                x, self.ch(192), (5, 5), norm=self.norm, conv=self.conv, train=train, name="conv2"
+            )
+        )
+        x = conv_norm_relu(
+            x, self.ch(384), (3, 3), norm=self.norm, conv=self.conv, train=train, name="conv3"
+        )
         c = self.ch(256)
-        x = conv_norm_relu(x, c, (3, 3), norm=self.norm, train=train, name="conv4")
-        x = self.dynamic_block(AlexNetVectorField(c, self.norm, parent=None), x, train, "conv5_ode")
+        x = conv_norm_relu(x, c, (3, 3), norm=self.norm, conv=self.conv, train=train, name="conv4")
+        x = self.dynamic_block(
+            AlexNetVectorField(c, self.norm, self.conv, parent=None), x, train, "conv5_ode"
+        )
         return self.head(pool(x))
 
 
@@ -209,16 +235,33 @@ class SqueezeNext23(_Network):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = conv_norm_relu(
-            x, self.ch(64), (3, 3), norm=self.norm, train=train, name="stem", use_bias=True
+            x,
+            self.ch(64),
+            (3, 3),
+            norm=self.norm,
+            conv=self.conv,
+            train=train,
+            name="stem",
+            use_bias=True,
         )
         for i, (channels, stride) in enumerate(zip((32, 64, 128, 256), (1, 2, 2, 2)), start=1):
             c = self.ch(channels)
-            x = SqueezeNextBlock(c, stride, self.norm, name=f"stage{i}_block")(x, train)
+            x = SqueezeNextBlock(c, stride, self.norm, self.conv, name=f"stage{i}_block")(x, train)
             x = self.dynamic_block(
-                SqueezeNextVectorField(c, self.norm, parent=None), x, train, f"stage{i}_ode"
+                SqueezeNextVectorField(c, self.norm, self.conv, parent=None),
+                x,
+                train,
+                f"stage{i}_ode",
             )
         x = conv_norm_relu(
-            x, self.ch(128), (1, 1), norm=self.norm, train=train, name="head_pre", use_bias=True
+            x,
+            self.ch(128),
+            (1, 1),
+            norm=self.norm,
+            conv=self.conv,
+            train=train,
+            name="head_pre",
+            use_bias=True,
         )
         return self.head(x)
 
@@ -254,6 +297,8 @@ def create_model(
     q: str = "rda",
     norm: str = "batch",
     width: float = 1.0,
+    conv: str = "loop_safe",
+    unroll: bool | int | None = None,
 ) -> nn.Module:
     """Build one of :data:`MODEL_NAMES` as a ``flax.linen.Module``.
 
@@ -269,6 +314,12 @@ def create_model(
       q: ANODEv2 parameter dynamics, one of :data:`Q_NAMES` (used by ``"coupled"``).
       norm: ``"batch"`` or ``"group"``.
       width: channel multiplier (> 0).
+      conv: convolution implementation, one of :data:`CONV_NAMES`: ``"loop_safe"``
+        (:func:`anode_jax.nn.conv_general_dilated`, gradients fast inside loops on CPU;
+        reverse mode only) or ``"lax"`` (``lax.conv_general_dilated``). Parameters and
+        outputs are the same for both.
+      unroll: time-loop unrolling of the ODE blocks, passed to :func:`anode_jax.odeint`
+        (True, False, an int n, or None for the core's default).
 
     Returns an unbound module; ``init(rngs, x, train=False)`` with ``x`` of shape
     ``(N, H, W, C)`` gives ``{"params", "batch_stats"}`` (no ``batch_stats`` for
@@ -301,6 +352,9 @@ def create_model(
         ) from error
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
         raise ValueError(f"width must be a positive number, got {width!r}")
+    _choice("conv", conv, CONV_NAMES)
+    if unroll is not None and not isinstance(unroll, (bool, int)):
+        raise ValueError(f"unroll must be None, a bool or an int, got {unroll!r}")
     return _NETWORKS[name](
         num_classes=num_classes,
         block=block,
@@ -310,6 +364,8 @@ def create_model(
         q=q,
         norm=norm,
         width=float(width),
+        conv=conv,
+        unroll=unroll,
     )
 
 

@@ -13,8 +13,8 @@ from jax import lax
 
 from anode_jax._typing import PyTree, StepFn
 
-# With plain lax convolutions on CPU, solves of at most this many steps are unrolled when
-# `unroll=None` (see _policy.py and docs/benchmarks.md for the measurement behind it).
+# Unrolled `anode` solves of more steps than this reverse step by step (storing Nt states)
+# instead of differentiating the recomputed block as a whole (Nt steps of internals).
 DEFAULT_MAX_UNROLL = 16
 
 

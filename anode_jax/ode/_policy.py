@@ -17,8 +17,6 @@ import warnings
 
 import jax
 
-from anode_jax.ode import _loop
-
 # Primitives whose sub-computations carry a user-written derivative rule: a convolution inside
 # one is differentiated by that rule, not by JAX's transpose rules.
 _OWNED_DERIVATIVE_PRIMITIVES = ("custom_vjp_call", "custom_vjp_call_jaxpr")
@@ -57,9 +55,10 @@ def resolve_unroll(unroll, num_steps: int, vector_field, t, y0, args) -> bool:
     """The loop policy of one solve: True unrolls the Nt steps, False loops.
 
     `unroll`: True/False force it; an int n unrolls solves of at most n steps; None (default)
-    loops, except on the CPU backend when the vector field uses plain `lax` convolutions:
-    then solves of at most DEFAULT_MAX_UNROLL steps are unrolled (as fast as before, compile
-    time growing with Nt) and a one-time warning names the loop-safe convolution.
+    loops, except on the CPU backend when the vector field uses plain `lax` convolutions: then
+    the solve is unrolled as before loops were the default (as fast as it was, compile time
+    growing with Nt; `anode` reverses solves of more than DEFAULT_MAX_UNROLL steps step by
+    step) and a one-time warning names the loop-safe convolution.
     """
     if isinstance(unroll, bool):
         return unroll
@@ -74,10 +73,9 @@ def resolve_unroll(unroll, num_steps: int, vector_field, t, y0, args) -> bool:
         _warned.add(name)
         warnings.warn(
             f"odeint: the vector field {name!r} uses jax.lax.conv_general_dilated, whose "
-            "gradient is slow inside a loop on CPU; solves of at most "
-            f"{_loop.DEFAULT_MAX_UNROLL} steps are unrolled instead (compile time grows with "
-            "the step count). Use anode_jax.nn.conv_general_dilated (same signature) to loop at "
-            "unrolled speed, or pass unroll=True/False to choose.",
+            "gradient is slow inside a loop on CPU, so the solve is unrolled (compile time "
+            "grows with the number of steps). Use anode_jax.nn.conv_general_dilated (same "
+            "signature) to loop at unrolled speed, or pass unroll=True/False to choose.",
             stacklevel=3,
         )
-    return num_steps <= _loop.DEFAULT_MAX_UNROLL
+    return True

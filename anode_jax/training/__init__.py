@@ -1,10 +1,11 @@
 """Training: config validation, jit-compiled steps, orbax checkpoints, metrics, plots.
 
-Entry points: :func:`train_and_evaluate` (what ``train.py`` calls) and :func:`evaluate`
+Entry points: :func:`get_config` (the configs of ``configs/*.py``), :func:`train_and_evaluate` (what ``train.py`` calls) and :func:`evaluate`
 (``train.py --eval_only``).
 """
 
 from anode_jax.training.config_validation import validate_config
+from anode_jax.training.configs import CONFIG_NAMES, get_config
 from anode_jax.training.defaults import METHODS, base_config
 from anode_jax.training.errors import ConfigError
 from anode_jax.training.loop import TrainingError, evaluate, train_and_evaluate
@@ -18,6 +19,7 @@ from anode_jax.training.train_state import (
 )
 
 __all__ = [
+    "CONFIG_NAMES",
     "ConfigError",
     "METHODS",
     "TrainState",
@@ -26,6 +28,7 @@ __all__ = [
     "build_model",
     "create_train_state",
     "evaluate",
+    "get_config",
     "make_lr_schedule",
     "make_optimizer",
     "param_count",

@@ -145,6 +145,7 @@ def validate_config(
         "data.flip",
         "progress_bar",
         "plots",
+        "tensorboard",
         "distributed",
         "optim.nesterov",
     ):

@@ -1,6 +1,6 @@
 """The one base config every config file starts from (big_vision style).
 
-``configs/default.py``, ``configs/cifar10.py`` and ``configs/cifar100.py`` call
+The named configs (:mod:`anode_jax.training.configs`, wrapped by ``configs/*.py``) call
 :func:`base_config` and override a few fields. The key set of :func:`base_config` is also
 the schema that :func:`anode_jax.training.config_validation.validate_config` checks
 against, so a config can never carry a key the trainer silently ignores.
@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 1
     c.progress_bar = True
     c.plots = True
+    c.tensorboard = True  # TensorBoard event files in the workdir (same steps as metrics.jsonl)
     c.distributed = False  # call jax.distributed.initialize() (multi-host GPU/TPU)
     c.num_devices = 0  # 0 = all devices of jax.devices(); else the first N
 

@@ -16,10 +16,12 @@ writes exactly the lines an uninterrupted run would have written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -30,9 +32,10 @@ from anode_jax.data import Dataset, TrainOrder, eval_batches, load_dataset, pad_
 from anode_jax.training import sharding as shd
 from anode_jax.training.checkpoints import Checkpointer
 from anode_jax.training.config_validation import validate_config
-from anode_jax.training.errors import ConfigError
+from anode_jax.training.errors import ConfigError, TrainingError
 from anode_jax.training.metrics import MetricsLog, summarize
 from anode_jax.training.steps import make_eval_step, make_train_step
+from anode_jax.training.tensorboard import TensorBoardWriter, truncate_events_after
 from anode_jax.training.train_state import (
     TrainState,
     build_model,
@@ -41,6 +44,7 @@ from anode_jax.training.train_state import (
     make_optimizer,
     param_count,
 )
+from anode_jax.training.workdir_lock import WorkdirLock
 
 # Keys that must match between a checkpoint and the config resuming it.
 _RESUME_MUST_MATCH = (
@@ -62,10 +66,6 @@ _RESUME_MUST_MATCH = (
 )
 
 
-class TrainingError(RuntimeError):
-    """Training cannot continue (diverged, no checkpoint to evaluate, mismatched resume)."""
-
-
 @dataclasses.dataclass
 class _Setup:
     config: ml_collections.ConfigDict
@@ -82,6 +82,11 @@ class _Setup:
     checkpointer: Checkpointer
     restored_meta: dict[str, Any] | None
     is_main: bool
+    lock: WorkdirLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _log(setup_or_flag, msg: str) -> None:
@@ -110,7 +115,18 @@ def _setup(config, workdir: str) -> _Setup:
         jax.distributed.initialize()
     validate_config(config)
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    # Before anything in the workdir is written: a second trainer must change nothing.
+    lock = WorkdirLock(
+        workdir, process_index=jax.process_index(), process_count=jax.process_count()
+    ).acquire()
+    try:
+        return _setup_locked(config, workdir, is_main, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _setup_locked(config, workdir: str, is_main: bool, lock: WorkdirLock) -> _Setup:
     mesh = shd.make_mesh(config.num_devices)
     dataset = load_dataset(
         config.data.name, config.data.dir, config.data.train_size, config.data.test_size
@@ -128,10 +144,13 @@ def _setup(config, workdir: str) -> _Setup:
 
     state = init_state(model, tx, config.seed, dataset.image_shape, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    meta = None
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        _check_resume_config(meta, config, ckpt)
+    restored, meta, notes = ckpt.restore_latest(
+        state, check_meta=lambda m: _check_resume_config(m, config, ckpt)
+    )
+    for note in notes:  # damaged checkpoints skipped (moved aside), one line each
+        _log(is_main, note)
+    if restored is not None:
+        state = restored
     return _Setup(
         config,
         workdir,
@@ -147,6 +166,7 @@ def _setup(config, workdir: str) -> _Setup:
         ckpt,
         meta,
         is_main,
+        lock,
     )
 
 
@@ -257,10 +277,27 @@ def _compile_steps(setup: _Setup):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); return the summary."""
-    from tqdm.auto import tqdm
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); return the summary.
 
+    Holds the workdir's lock for the whole run (see training/workdir_lock.py).
+    """
     setup = _setup(config, workdir)
+    try:
+        return _train(setup)
+    except OSError as e:  # e.g. metrics.jsonl on a full disk; checkpoint writes raise their own
+        with contextlib.suppress(TrainingError):
+            setup.checkpointer.wait()  # a save in flight first, so the message names the latest
+        raise setup.checkpointer.write_error(e) from None
+    finally:
+        setup.release()
+
+
+def _train(setup: _Setup) -> dict[str, Any]:
+    with warnings.catch_warnings():  # in Jupyter without ipywidgets: a warning, then text bars
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+
+    workdir = setup.workdir
     cfg, ds, order = setup.config, setup.dataset, setup.order
     spe, total = setup.steps_per_epoch, setup.total_steps
     ckpt = setup.checkpointer
@@ -272,6 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     if setup.is_main:
         dropped = log.truncate_after(start_step)
+        truncate_events_after(workdir, start_step)  # TensorBoard: same steps as metrics.jsonl
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2, default=list)
     _log(setup, f"{ds.describe()}")
@@ -310,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             },
         )
 
+    tb = TensorBoardWriter(workdir) if setup.is_main and cfg.tensorboard else None
     window: list[dict[str, jax.Array]] = []
     win_t0, win_step0 = time.perf_counter(), start_step
     pbar = tqdm(
@@ -362,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 }
                 if setup.is_main:
                     log.write(rec)
+                    if tb:
+                        tb.write(rec)
                 pbar.set_postfix(
                     loss=f"{rec['loss']:.4f}",
                     acc=f"{rec['accuracy']:.3f}",
@@ -385,6 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 }
                 if setup.is_main:
                     log.write(rec)
+                    if tb:
+                        tb.write(rec)
                     pbar.write(
                         f"epoch {epoch}/{cfg.num_epochs} step {done}: test accuracy "
                         f"{ev['accuracy']:.4f} loss {ev['loss']:.4f}"
@@ -395,6 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pbar.update(1)
     finally:
         pbar.close()
+        if tb:
+            tb.close()
     if ckpt.latest_step() != total:
         save(total)  # e.g. a run whose final state predates this code path
     ckpt.close()
@@ -447,6 +492,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "train first (same command without --eval_only)"
         )
     setup = _setup(config, workdir)
+    try:
+        return _evaluate_restored(setup)
+    finally:
+        setup.release()
+
+
+def _evaluate_restored(setup: _Setup) -> dict[str, Any]:
+    workdir = setup.workdir
     if setup.restored_meta is None:
         raise TrainingError(
             f"--eval_only: no checkpoint in {setup.checkpointer.directory}; "

@@ -3,7 +3,9 @@
 Lines: ``{"step", "epoch", "split": "train"|"test", "loss", "accuracy", "lr",
 "images_per_sec", "wall_time_s", ...}``. ``step`` counts completed optimizer steps.
 On resume from the checkpoint at step ``s`` every line with ``step > s`` (and any torn
-last line) is dropped, so the file reads as if the run had never been interrupted.
+last line) is dropped, so the file reads as if the run had never been interrupted. ``s``
+is the step actually restored: when the newest checkpoint is damaged and an older one is
+used, the lines after the older one go too; with no checkpoint (``s = 0``) all go.
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ class MetricsLog:
             n_lines = sum(1 for _ in f)
         kept = [r for r in self.read() if r["step"] <= step]
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(_dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(_dumps(r) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError:
+            # e.g. a full disk: the original file is untouched (the swap is atomic); leave
+            # no partial copy behind, and let the trainer report the error in one line.
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return n_lines - len(kept)
 
     def write(self, record: dict[str, Any]) -> None:

@@ -1,4 +1,8 @@
-"""Loss / accuracy curves from metrics.jsonl as PNG files (matplotlib, Agg backend)."""
+"""Loss / accuracy curves from metrics.jsonl as PNG files.
+
+Drawn on plain ``matplotlib.figure.Figure`` objects (no pyplot): the caller's backend is
+left alone, so a notebook that trains keeps its inline figures, and no window opens.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,12 @@ from typing import Any
 
 
 def plot_curves(records: Sequence[dict[str, Any]], workdir: str, title: str = "") -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     paths = []
     for metric in ("loss", "accuracy"):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
         for split, style in (("train", "-"), ("test", "o-")):
             rs = [r for r in records if r["split"] == split and isinstance(r[metric], float)]
             if rs:
@@ -36,6 +38,5 @@ def plot_curves(records: Sequence[dict[str, Any]], workdir: str, title: str = ""
         fig.tight_layout()
         path = os.path.join(workdir, f"{metric}.png")
         fig.savefig(path)
-        plt.close(fig)
         paths.append(path)
     return paths

@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
 
 import jax
 
 from anode_jax.ode import _loop
-from anode_jax.ode.adjoints.base import AbstractAdjoint
+from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
+from anode_jax.ode.adjoints.checkpointed import reverse_solve
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _anode_solve(vector_field, y0, args, spec):
+    return forward(vector_field, y0, args, spec, unroll=False)
+
+
+def _anode_fwd(vector_field, y0, args, spec):
+    # A forward-only solve always loops: forward convolutions ran as fast in lax.scan as
+    # unrolled on XLA:CPU, and the loop compiles in time independent of Nt.
+    return forward(vector_field, y0, args, spec, unroll=False), (y0, args)
+
+
+def _anode_bwd(vector_field, spec, residuals, ct_y1):
+    y0, args = residuals
+    if not spec.unroll or spec.num_steps > _loop.DEFAULT_MAX_UNROLL:
+        # Recompute the block storing its Nt step inputs, then backpropagate step by step (the
+        # revolve executor with a slot per step; looped: the states sit in a buffer carried by
+        # the loop). Measured at L=8, Nt=16: 42 states; differentiating a scan of
+        # jax.checkpoint-ed steps held 154 (XLA:CPU did not reuse a loop's stacked outputs
+        # across blocks). Unrolled above DEFAULT_MAX_UNROLL steps, Nt steps of internals would
+        # be too many to keep.
+        return reverse_solve(vector_field, spec, y0, args, ct_y1, spec.num_steps)
+    # Unrolled short solves: differentiate the recomputed block as a whole (one extra forward
+    # pass, every step's internals alive). The barrier ties the recomputation to the incoming
+    # cotangent: it then runs in the backward pass, one block at a time.
+    y0, args, ct_y1 = _loop.tree_barrier(y0, args, ct_y1)
+    _, vjp = jax.vjp(lambda y, a: forward(vector_field, y, a, spec), y0, args)
+    return vjp(ct_y1)
+
+
+_anode_solve.defvjp(_anode_fwd, _anode_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,41 +53,14 @@ class Anode(AbstractAdjoint):
     (discretize-then-optimize), so the gradient is the exact gradient of the computed forward
     pass.
 
-    Expressed with `jax.checkpoint`: the block is one rematerialized function; inside it, the
-    looped solve (`lax.scan`) rematerializes each step too, so the recomputation stores the Nt
-    step inputs and the backward loop recomputes one step's internals at a time.
-    Memory: L block inputs + Nt states + one step's internals (the paper's O(L) + O(Nt));
-    compute: about two extra forward passes. Under the unrolled loop policy the recomputation
-    keeps every step's internals instead (one extra forward pass, O(Nt·s) activations).
-
-    Args:
-      remat_policy: a `jax.checkpoint_policies` policy saying which of a step's internals the
-        recomputed block keeps instead of recomputing them in the backward loop (None: keep
-        none, the minimum memory; e.g. `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`
-        keeps matrix products, and the `offload_*` policies move them to host memory on
-        accelerators). Only the looped policy uses it.
+    Looped (the default policy): the recomputation stores the Nt step inputs and one loop
+    backpropagates step by step, recomputing one step's internals at a time. Memory: L block
+    inputs + Nt states + one step's internals (the paper's O(L) + O(Nt)); compute: about two
+    extra forward passes. Unrolled: the recomputed block is differentiated as a whole (one
+    extra forward pass, every step's internals of one block alive).
     """
 
-    remat_policy: Callable | None = None
     name = "anode"
-    needs_closure_conversion = False  # jax.checkpoint differentiates closures itself
 
     def solve(self, vector_field, state0, args, spec):
-        step = spec.step_fn(vector_field)
-        if not spec.unroll:
-            # scan already keeps iterations apart, so CSE prevention is not needed inside it.
-            step = jax.checkpoint(step, policy=self.remat_policy, prevent_cse=False)
-
-        def block(state0, args):
-            return _loop.integrate(
-                step,
-                state0,
-                args,
-                t0=spec.t0,
-                dt=spec.dt,
-                first=0,
-                last=spec.num_steps,
-                unroll=spec.unroll,
-            )
-
-        return jax.checkpoint(block)(state0, args)
+        return _anode_solve(vector_field, state0, args, spec)

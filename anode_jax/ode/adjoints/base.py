@@ -68,10 +68,12 @@ class AbstractAdjoint(abc.ABC):
         del solver
 
 
-def forward(vector_field: VectorField, state0, args, spec: SolveSpec, *, unroll=None):
-    """The solver state at t1: Nt steps from state0, unrolled or looped as `spec` says."""
+def forward(vector_field: VectorField, state0, args, spec: SolveSpec, *, unroll=None, step=None):
+    """The solver state at t1: Nt steps from state0, unrolled or looped as `spec` says (or as
+    `unroll` overrides); `step` replaces the solver's step function (e.g. a rematerialized
+    one)."""
     return _loop.integrate(
-        spec.step_fn(vector_field),
+        spec.step_fn(vector_field) if step is None else step,
         state0,
         args,
         t0=spec.t0,

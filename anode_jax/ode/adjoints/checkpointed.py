@@ -154,16 +154,24 @@ def _checkpointed_fwd(vector_field, y0, args, spec, num_checkpoints):
     return forward(vector_field, y0, args, spec, unroll=False), (y0, args)
 
 
-def _checkpointed_bwd(vector_field, spec, num_checkpoints, residuals, ct_y1):
-    y0, args = residuals
+def reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints):
+    """(ct_y0, ct_args): ct_y1 backpropagated through the solve from y0 by the revolve
+    schedule with `num_checkpoints` slots (looped or unrolled as `spec` says)."""
     step = spec.step_fn(vector_field)
     ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
     schedule = revolve_schedule(spec.num_steps, num_checkpoints)
+    # Tie the whole reversal to the incoming cotangent, so it runs in the backward pass, one
+    # block at a time, and XLA cannot merge it with (or hoist it into) the forward pass.
     y0, ct, ct_args = _loop.tree_barrier(y0, ct_y1, ct_args)
     if spec.unroll:
         return _reverse_unrolled(step, spec, args, y0, ct, ct_args, schedule)
     num_slots = min(num_checkpoints, spec.num_steps)
     return _reverse_looped(step, spec, args, y0, ct, ct_args, schedule, num_slots)
+
+
+def _checkpointed_bwd(vector_field, spec, num_checkpoints, residuals, ct_y1):
+    y0, args = residuals
+    return reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints)
 
 
 _checkpointed_solve.defvjp(_checkpointed_fwd, _checkpointed_bwd)

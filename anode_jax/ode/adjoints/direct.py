@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+
+import jax
 
 from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
 
@@ -13,10 +16,21 @@ class Direct(AbstractAdjoint):
 
     Memory O(L·Nt·s) activations for L blocks, Nt steps and s stages; no recomputation. Looped
     (`lax.scan`) or unrolled by the loop policy; both give the same gradient.
+
+    Args:
+      remat_policy: None (default) keeps every step's internals. A `jax.checkpoint_policies`
+        policy rematerializes each step (`jax.checkpoint` around the step; with
+        `nothing_saveable` the solve stores only the Nt step inputs per block, L·Nt states in
+        all, and recomputes each step once in the backward pass; the `offload_*` policies move
+        what they save to host memory on accelerators).
     """
 
+    remat_policy: Callable | None = None
     name = "direct"
     needs_closure_conversion = False
 
     def solve(self, vector_field, state0, args, spec):
-        return forward(vector_field, state0, args, spec)
+        if self.remat_policy is None:
+            return forward(vector_field, state0, args, spec)
+        step = jax.checkpoint(spec.step_fn(vector_field), policy=self.remat_policy)
+        return forward(vector_field, state0, args, spec, step=step)

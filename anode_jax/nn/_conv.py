@@ -1,0 +1,332 @@
+"""A convolution whose reverse-mode derivative stays fast inside loops on XLA:CPU.
+
+``lax.conv_general_dilated``'s transpose rules express the input gradient as a convolution
+with a reversed window and swapped kernel dimensions (``b01f_01oi->b01f``) and the weight
+gradient as one with batch and feature roles exchanged (``f01b_i01o->01bf``). XLA:CPU
+rewrites such convolutions into its fast layout (NHWC input, HWIO kernel, no window
+reversal) only in the program's entry computation; inside a while body (``lax.scan``,
+``fori_loop``, a looped checkpoint) they run on a naive loop nest, 10–100× slower
+(jax issue #12868; measured in docs/bench_conv.md).
+
+:func:`conv_general_dilated` computes the same convolution, but its ``jax.custom_vjp``
+backward is written with explicit transposes around convolutions that are already in the
+canonical layout (``b01f_01io->b01f``), so no pass is needed to make them fast. The
+backward calls :func:`conv_general_dilated` itself, so higher reverse-mode derivatives stay
+canonical too. The weight gradient is computed either as one canonical convolution or as
+one batch-parallel matrix product per kernel tap, chosen by shape
+(:func:`weight_gradient_method`; rule measured in benchmarks/bench_conv.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+#: Formulations of the weight gradient accepted by ``weight_gradient=``.
+WEIGHT_GRADIENT_METHODS = ("auto", "conv", "taps")
+
+
+def _canonical_dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:
+    """NHWC / HWIO / NHWC for any number of spatial dimensions."""
+    spatial = tuple(range(1, num_spatial + 1))
+    return lax.ConvDimensionNumbers(
+        lhs_spec=(0, num_spatial + 1) + spatial,
+        rhs_spec=(num_spatial + 1, num_spatial) + tuple(range(num_spatial)),
+        out_spec=(0, num_spatial + 1) + spatial,
+    )
+
+
+def _dilate(size: int, dilation: int) -> int:
+    return 0 if size == 0 else 1 + dilation * (size - 1)
+
+
+def weight_gradient_method(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    out_shape: Sequence[int],
+    feature_group_count: int = 1,
+) -> str:
+    """How the weight gradient of a canonical-layout convolution is computed: "conv" | "taps".
+
+    Shapes in the canonical layout: ``lhs`` ``(N, *spatial, C_in)``, ``rhs``
+    ``(*kernel, C_in/G, C_out)``, ``out`` ``(N, *spatial_out, C_out)``.
+
+    * ``"taps"``: one batch-parallel matrix product ``Σ_n x_nᵀ·g_n`` per kernel tap
+      (``einsum("n…i,n…o->nio").sum(0)`` over a strided slice of the padded input);
+    * ``"conv"``: one canonical convolution with the input's channels as batch and the
+      output cotangent as kernel (what XLA:CPU does for lax's weight gradient at top level).
+
+    Rule (XLA:CPU, measured in benchmarks/bench_conv.py, docs/bench_conv.md): "taps" when the
+    kernel has at most 3 taps (1×1, 1×3, 3×1) or the per-group channel product
+    ``(C_in/G)·(C_out/G)`` is at least ``64·64`` (each tap's product is then a large enough
+    matrix product); "conv" otherwise (e.g. 3×3 with 16 or 32 channels), whatever the image
+    size.
+    """
+    del lhs_shape, out_shape
+    taps = math.prod(rhs_shape[:-2])
+    cin_per_group = rhs_shape[-2]
+    cout_per_group = rhs_shape[-1] // feature_group_count
+    if taps <= _TAPS_MAX_SMALL_KERNEL or cin_per_group * cout_per_group >= _TAPS_MIN_CHANNELS:
+        return "taps"
+    return "conv"
+
+
+#: Kernels with at most this many taps use the per-tap formulation (docs/bench_conv.md).
+_TAPS_MAX_SMALL_KERNEL = 3
+#: (C_in/G)·(C_out/G) from which the per-tap formulation is used (docs/bench_conv.md).
+_TAPS_MIN_CHANNELS = 64 * 64
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    *,
+    weight_gradient: str = "auto",
+) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated`` with a loop-safe reverse-mode derivative.
+
+    Same arguments, value and derivatives as ``lax.conv_general_dilated`` (float64 results
+    agree to rounding, tests/test_conv.py). Its backward emits only convolutions in
+    XLA:CPU's canonical layout (``b01f_01io->b01f``, no window reversal) with explicit
+    transposes around them, so that gradients through ``lax.scan`` / ``fori_loop`` run on
+    the fast convolution kernel; check a program with :func:`anode_jax.nn.noncanonical_convs`.
+    Use it in Flax as ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``.
+
+    Supported: any number of spatial dimensions, any ``dimension_numbers`` (the operands
+    are transposed to NHWC/HWIO and the result back), strides, padding (``"SAME"``,
+    ``"VALID"``, ``"SAME_LOWER"`` or explicit ``(low, high)`` pairs, negative too; strings
+    only without input dilation, as in lax), input (``lhs``) and kernel (``rhs``) dilation, ``feature_group_count``; ``precision`` is
+    passed to every convolution of the forward and backward passes.
+
+    Differentiation: reverse mode to any order (``grad``, ``grad`` of ``grad``: the backward
+    is built from this function itself, transposes, reshapes, slices and einsums);
+    ``vmap`` and ``jit`` work. **Forward mode (``jvp``, ``jacfwd``, ``linearize`` of a
+    ``jvp``) is not supported**: it is a ``jax.custom_vjp`` function, and JAX raises
+    ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function`` — use
+    ``lax.conv_general_dilated`` (e.g. ``create_model(..., conv="lax")``) there.
+
+    Args:
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision: as in ``lax.conv_general_dilated``.
+      batch_group_count: must be 1 (ValueError otherwise).
+      preferred_element_type: must be None (ValueError otherwise).
+      weight_gradient: ``"auto"`` (by shape, :func:`weight_gradient_method`), ``"conv"`` or
+        ``"taps"`` (force one formulation; for benchmarks).
+
+    Raises:
+      ValueError: for ``batch_group_count != 1``, a ``preferred_element_type``, an unknown
+        ``weight_gradient`` or padding string, or arguments of the wrong length.
+    """
+    if batch_group_count != 1:
+        raise ValueError(
+            "anode_jax.nn.conv_general_dilated supports batch_group_count=1 only, got "
+            f"{batch_group_count}; use lax.conv_general_dilated for grouped-batch convolutions."
+        )
+    if preferred_element_type is not None:
+        raise ValueError(
+            "anode_jax.nn.conv_general_dilated supports preferred_element_type=None only (the "
+            f"result has the operands' dtype), got {preferred_element_type!r}."
+        )
+    if weight_gradient not in WEIGHT_GRADIENT_METHODS:
+        raise ValueError(
+            f"weight_gradient must be one of {WEIGHT_GRADIENT_METHODS}, got {weight_gradient!r}."
+        )
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    if lhs.ndim != rhs.ndim or lhs.ndim < 3:
+        raise ValueError(
+            "lhs and rhs must have the same rank >= 3 (batch, feature, spatial...), got shapes "
+            f"{lhs.shape} and {rhs.shape}."
+        )
+    num_spatial = lhs.ndim - 2
+    dnums = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    strides = _int_tuple("window_strides", window_strides, num_spatial)
+    lhs_dil = _int_tuple("lhs_dilation", lhs_dilation, num_spatial)
+    rhs_dil = _int_tuple("rhs_dilation", rhs_dilation, num_spatial)
+    groups = int(feature_group_count)
+
+    lhs_perm = (dnums.lhs_spec[0],) + tuple(dnums.lhs_spec[2:]) + (dnums.lhs_spec[1],)
+    rhs_perm = tuple(dnums.rhs_spec[2:]) + (dnums.rhs_spec[1], dnums.rhs_spec[0])
+    x = _transpose(lhs, lhs_perm)
+    w = _transpose(rhs, rhs_perm)
+    if isinstance(padding, str):
+        if any(d != 1 for d in lhs_dil):
+            raise ValueError(
+                "string padding is not supported with lhs_dilation != 1 (as in "
+                "lax.conv_general_dilated); give explicit (low, high) pairs."
+            )
+        kernel = [_dilate(k, d) for k, d in zip(w.shape[:-2], rhs_dil)]
+        pads = tuple(
+            (int(lo), int(hi))
+            for lo, hi in lax.padtype_to_pads(x.shape[1:-1], kernel, strides, padding)
+        )
+    else:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if len(pads) != num_spatial:
+            raise ValueError(
+                f"padding must be a string or {num_spatial} (low, high) pairs, got {padding!r}."
+            )
+    if isinstance(precision, list):
+        precision = tuple(precision)
+    y = _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, weight_gradient)
+    # y is (batch, spatial..., feature); out_spec[k] is where dimension k of the spec goes.
+    out_perm = [0] * lhs.ndim
+    canonical_index = (0, num_spatial + 1) + tuple(range(1, num_spatial + 1))
+    for k, axis in enumerate(dnums.out_spec):
+        out_perm[axis] = canonical_index[k]
+    return _transpose(y, tuple(out_perm))
+
+
+def _int_tuple(name: str, value, num_spatial: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * num_spatial
+    value = tuple(int(v) for v in value)
+    if len(value) != num_spatial:
+        raise ValueError(f"{name} must have {num_spatial} entries, got {value}.")
+    return value
+
+
+def _transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    if perm == tuple(range(x.ndim)):
+        return x
+    return jnp.transpose(x, perm)
+
+
+def _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision):
+    kernel, spatial = w.shape[:-2], x.shape[1:-1]
+    if groups == 1 and math.prod(kernel) > math.prod(spatial):
+        # XLA swaps the operands of an ungrouped convolution whose window has more taps
+        # than the input has pixels (e.g. 3×3 on a 2×2 map) into a reversed, non-canonical
+        # one (ConvOperandSwapper). Zero-pad the input to at least the window explicitly,
+        # behind a barrier so that the pad is not folded back into the window.
+        extra = [max(k - s, 0) for k, s in zip(kernel, spatial)]
+        before = [e // 2 for e in extra]
+        after = [e - b for e, b in zip(extra, before)]
+        config = [(0, 0, 0)] + [(b, a, 0) for b, a in zip(before, after)] + [(0, 0, 0)]
+        x = lax.optimization_barrier(lax.pad(x, jnp.zeros((), x.dtype), config))
+        pads = tuple(
+            (lo - b * d, hi - a * d) for (lo, hi), b, a, d in zip(pads, before, after, lhs_dil)
+        )
+    return lax.conv_general_dilated(
+        x,
+        w,
+        strides,
+        pads,
+        lhs_dilation=lhs_dil,
+        rhs_dilation=rhs_dil,
+        dimension_numbers=_canonical_dimension_numbers(x.ndim - 2),
+        feature_group_count=groups,
+        precision=precision,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, method):
+    """Canonical-layout convolution (x: (N, *S, C_in), w: (*K, C_in/G, C_out))."""
+    del method
+    return _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision)
+
+
+def _conv_fwd(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, method):
+    y = _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision)
+    return y, (x, w)
+
+
+def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, method, residuals, ct):
+    x, w = residuals
+    num_spatial = x.ndim - 2
+    in_spatial = x.shape[1:-1]
+    kernel = w.shape[:-2]
+    out_spatial = ct.shape[1:-1]
+    lhs_dilated = [_dilate(s, d) for s, d in zip(in_spatial, lhs_dil)]
+    rhs_dilated = [_dilate(k, d) for k, d in zip(kernel, rhs_dil)]
+    out_dilated = [_dilate(s, d) for s, d in zip(out_spatial, strides)]
+
+    # Input gradient: correlate the cotangent with the spatially flipped kernel whose
+    # in/out channels are swapped (per group), strides and input dilation exchanged.
+    spatial_axes = tuple(range(num_spatial))
+    w_t = jnp.flip(w, spatial_axes)
+    cin_g, cout = w.shape[-2], w.shape[-1]
+    w_t = w_t.reshape(kernel + (cin_g, groups, cout // groups))
+    w_t = jnp.transpose(w_t, spatial_axes + (num_spatial + 2, num_spatial + 1, num_spatial))
+    w_t = w_t.reshape(kernel + (cout // groups, groups * cin_g))
+    pads_x = []
+    for (lo, _), k, i, o in zip(pads, rhs_dilated, lhs_dilated, out_dilated):
+        before = k - lo - 1
+        pads_x.append((before, i + k - 1 - o - before))
+    dx = _conv(ct, w_t, lhs_dil, tuple(pads_x), strides, rhs_dil, groups, precision, method)
+
+    if method == "auto":
+        method = weight_gradient_method(x.shape, w.shape, ct.shape, groups)
+    if method == "taps":
+        dw = _weight_grad_taps(x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision)
+    else:
+        dw = _weight_grad_conv(
+            x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, method
+        )
+    return dx, dw.astype(w.dtype)
+
+
+def _weight_grad_conv(x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, method):
+    """dw as one canonical convolution: channels of x as batch, the cotangent as kernel."""
+    num_spatial = x.ndim - 2
+    n, cin = x.shape[0], x.shape[-1]
+    spatial = tuple(range(1, num_spatial + 1))
+    # lhs: (C_in/G, *S, G·N), feature groups g-major; rhs: (*S_out, N, C_out).
+    lhs = x.reshape(x.shape[:-1] + (groups, cin // groups))
+    lhs = jnp.transpose(lhs, (num_spatial + 2,) + spatial + (num_spatial + 1, 0))
+    lhs = lhs.reshape((cin // groups,) + x.shape[1:-1] + (groups * n,))
+    rhs = jnp.transpose(ct, spatial + (0, num_spatial + 1))
+    lhs_dilated = [_dilate(s, d) for s, d in zip(x.shape[1:-1], lhs_dil)]
+    rhs_dilated = [_dilate(k, d) for k, d in zip(kernel, rhs_dil)]
+    out_dilated = [_dilate(s, d) for s, d in zip(ct.shape[1:-1], strides)]
+    pads_w = tuple(
+        (lo, o - i + k - lo - 1)
+        for (lo, _), i, k, o in zip(pads, lhs_dilated, rhs_dilated, out_dilated)
+    )
+    dw = _conv(lhs, rhs, rhs_dil, pads_w, lhs_dil, strides, groups, precision, method)
+    # (C_in/G, *K, C_out) -> (*K, C_in/G, C_out)
+    return jnp.transpose(dw, spatial + (0, num_spatial + 1))
+
+
+def _weight_grad_taps(x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision):
+    """dw as one batch-parallel product ``Σ_n x_tapᵀ·ct`` per kernel tap."""
+    n, cin, cout = x.shape[0], x.shape[-1], ct.shape[-1]
+    out_spatial = ct.shape[1:-1]
+    config = [(0, 0, 0)]
+    config += [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)]
+    config += [(0, 0, 0)]
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), config)
+    g = ct.reshape((n, math.prod(out_spatial), groups, cout // groups))
+    taps = []
+    for tap in np.ndindex(*kernel):
+        start = (0,) + tuple(t * d for t, d in zip(tap, rhs_dil)) + (0,)
+        limit = (
+            (n,)
+            + tuple(s + (o - 1) * st + 1 for s, o, st in zip(start[1:-1], out_spatial, strides))
+            + (cin,)
+        )
+        patch = lax.slice(x_pad, start, limit, (1,) + tuple(strides) + (1,))
+        patch = patch.reshape((n, math.prod(out_spatial), groups, cin // groups))
+        prod = jnp.einsum("npgi,npgo->ngio", patch, g, precision=precision).sum(0)
+        # (G, C_in/G, C_out/G) -> (C_in/G, G·C_out/G)
+        taps.append(jnp.transpose(prod, (1, 0, 2)).reshape(cin // groups, cout))
+    return jnp.stack(taps).reshape(tuple(kernel) + (cin // groups, cout))
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
