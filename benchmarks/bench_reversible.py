@@ -151,6 +151,7 @@ def main():
     parser.add_argument("--drift_grad_max_steps", type=int, default=64)
     parser.add_argument("--skip", nargs="*", default=[], metavar="NT:STRATEGY")
     parser.add_argument("--drift_only", action="store_true")
+    parser.add_argument("--append", action="store_true", help="keep the rows of the last run")
     parser.add_argument("--no_drift", action="store_true")
     args = parser.parse_args()
 
@@ -174,6 +175,14 @@ def main():
         "rows": rows,
         "drift": [],
     }
+    if args.append:  # add rows to those of the last run (e.g. timings measured later)
+        with open(
+            os.path.join(os.path.dirname(__file__), "..", "docs", "bench_reversible.json")
+        ) as f:
+            previous = json.load(f)
+        rows.extend(previous["rows"])
+        payload["drift"] = previous.get("drift", [])
+        payload["drift_blocks"] = previous.get("drift_blocks")
     if not args.drift_only:
         for num_steps in args.steps:
             cases = [("reversible", "reversible:rk4", None)]
@@ -242,6 +251,10 @@ def to_markdown(payload) -> str:
         "step); `anode` and `checkpointed:4` use plain `rk4` (4 per step); `direct` runs "
         "`reversible:rk4` unrolled (the same forward computation). Temp = compiled "
         "temp_size_in_bytes in units of one state; time = median of repeats.",
+        "",
+        'Targets, reading and shortfalls: docs/core.md, "Choosing a strategy: reversible vs '
+        'anode vs checkpointed". Timings: one repeat each on a machine whose load average was '
+        "about 16 on 2 cores; read ratios, and only between rows of the same run.",
         "",
         "| Nt | strategy | solver | temp (states) | time (ms) | compile (s) |",
         "|---|---|---|---|---|---|",
