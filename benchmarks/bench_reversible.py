@@ -152,6 +152,7 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], metavar="NT:STRATEGY")
     parser.add_argument("--drift_only", action="store_true")
     parser.add_argument("--append", action="store_true", help="keep the rows of the last run")
+    parser.add_argument("--label", default="", help="tag this run's rows (shown in the table)")
     parser.add_argument("--no_drift", action="store_true")
     args = parser.parse_args()
 
@@ -197,6 +198,7 @@ def main():
                 grad_fn = jax.grad(loss, argnums=1)
                 temp, compile_s, compiled = _common.compiled_temp_bytes(grad_fn, z0, params)
                 row = {
+                    "label": args.label,
                     "blocks": args.blocks,
                     "num_steps": num_steps,
                     "strategy": adjoint,
@@ -256,13 +258,13 @@ def to_markdown(payload) -> str:
         'anode vs checkpointed". Timings: one repeat each on a machine whose load average was '
         "about 16 on 2 cores; read ratios, and only between rows of the same run.",
         "",
-        "| Nt | strategy | solver | temp (states) | time (ms) | compile (s) |",
-        "|---|---|---|---|---|---|",
+        "| run | Nt | strategy | solver | temp (states) | time (ms) | compile (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         t = f"{r['step_s'] * 1e3:.0f}" if "step_s" in r else "not timed"
         lines.append(
-            f"| {r['num_steps']} | {r['strategy']} | {r['solver']} | "
+            f"| {r.get('label') or 'A'} | {r['num_steps']} | {r['strategy']} | {r['solver']} | "
             f"{r['temp_state_sizes']:.1f} | {t} | {r['compile_s']:.1f} |"
         )
     errs = [r for r in payload["rows"] if "grad_err_vs_direct" in r]
