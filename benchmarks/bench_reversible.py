@@ -251,7 +251,9 @@ def to_markdown(payload) -> str:
         f"L = {payload['blocks']} conv-ReLU ODE blocks of bench_core.py, state 32×16×16×16 "
         "float32. `reversible` uses the `reversible:rk4` solver (λ = 0.999; 8 evaluations per "
         "step); `anode` and `checkpointed:4` use plain `rk4` (4 per step); `direct` runs "
-        "`reversible:rk4` unrolled (the same forward computation). Temp = compiled "
+        "`reversible:rk4` looped unless run with --direct_unroll (the same forward computation). "
+        "Runs: A = before merging main (loop-safe conv from branch wip/conv), B and C = after "
+        "merging main (its merged conv and loop changes lowered every strategy's memory). Temp = compiled "
         "temp_size_in_bytes in units of one state; time = median of repeats.",
         "",
         'Targets, reading and shortfalls: docs/core.md, "Choosing a strategy: reversible vs '
@@ -286,7 +288,8 @@ def to_markdown(payload) -> str:
         ]
         for r in payload["drift"]:
             lines.append(
-                f"| {r['coupling']} | {r['num_steps']} | {r['drift']:.1e} | "
+                f"| {r['coupling']} | {r['num_steps']} | "
+                + (f"{r['drift']:.1e} | " if np.isfinite(r["drift"]) else "overflow | ")
                 + (f"{r['grad_err']:.1e} |" if "grad_err" in r else "not measured |")
             )
     return "\n".join(lines) + "\n"
