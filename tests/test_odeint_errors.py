@@ -16,13 +16,15 @@ FIELD = lambda t, y, a: -y
         (
             dict(solver="rk5"),
             ValueError,
-            r"Unknown solver 'rk5'; valid names are \['euler', 'heun', 'midpoint', 'rk4'\]",
+            r"Unknown solver 'rk5'; valid names are \['euler', 'heun', 'midpoint', 'rk4', "
+            r"'reversible:euler', .*'alf', 'reversible_heun'\]",
         ),
         (dict(solver=4), TypeError, "solver must be a name"),
         (
             dict(adjoint="adjoint"),
             ValueError,
-            "Unknown adjoint 'adjoint'; valid names are 'direct', 'anode', 'backsolve' and 'checkpointed:K'",
+            "Unknown adjoint 'adjoint'; valid names are 'direct', 'anode', 'backsolve', 'reversible' "
+            r"\(with a reversible solver\) and 'checkpointed:K'",
         ),
         (dict(adjoint="checkpointed:x"), ValueError, "Unknown adjoint"),
         (dict(adjoint=None), TypeError, "adjoint must be a name or an AbstractAdjoint"),

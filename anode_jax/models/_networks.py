@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from anode_jax.ode import ADJOINTS, SOLVERS, get_adjoint, get_solver
+from anode_jax.ode import ADJOINTS, get_adjoint, get_solver, solver_names
 
 from ._blocks import CoupledODEBlock, ODEBlock, ResidualBlock
 from ._layers import (
@@ -340,14 +340,15 @@ def create_model(
         get_solver(solver)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"solver must be one of {tuple(SOLVERS)} or a ButcherTableau, got {solver!r}"
+            f"solver must be one of {tuple(solver_names())}, a ButcherTableau or another "
+            f"solver object of anode_jax.ode, got {solver!r}"
         ) from error
     try:
         get_adjoint(adjoint)
     except (TypeError, ValueError) as error:
         raise ValueError(
             f'adjoint must be one of {ADJOINTS}, "checkpointed:K" (K >= 1) or an adjoint '
-            f"object of anode_jax.ode, got {adjoint!r}"
+            f'object of anode_jax.ode ("reversible" needs a reversible solver), got {adjoint!r}'
         ) from error
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
         raise ValueError(f"width must be a positive number, got {width!r}")

@@ -3,7 +3,8 @@
 from anode_jax.ode._loop import DEFAULT_MAX_UNROLL
 from anode_jax.ode._odeint import odeint
 from anode_jax.ode._policy import uses_plain_convolutions
-from anode_jax.ode._registry import get_solver, solver_names
+from anode_jax.ode._registry import get_solver, reversible_solver_names, solver_names
+from anode_jax.ode._reversible import ALF, Reversible, ReversibleHeun
 from anode_jax.ode._solvers import (
     EULER,
     HEUN,
@@ -22,12 +23,14 @@ from anode_jax.ode.adjoints import (
     Backsolve,
     Checkpointed,
     Direct,
+    ReversibleAdjoint,
     SolveSpec,
     get_adjoint,
 )
 
 __all__ = [
     "ADJOINTS",
+    "ALF",
     "AbstractAdjoint",
     "AbstractReversibleSolver",
     "AbstractSolver",
@@ -41,12 +44,16 @@ __all__ = [
     "HEUN",
     "MIDPOINT",
     "RK4",
+    "Reversible",
+    "ReversibleAdjoint",
+    "ReversibleHeun",
     "SOLVERS",
     "SolveSpec",
     "get_adjoint",
     "get_solver",
     "make_step",
     "odeint",
+    "reversible_solver_names",
     "solver_names",
     "uses_plain_convolutions",
 ]

@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+from anode_jax.ode._reversible import ALF_SOLVER, REVERSIBLE_HEUN, Reversible
 from anode_jax.ode._solvers import SOLVERS, AbstractSolver
+
+_REVERSIBLE_PREFIX = "reversible:"
+REVERSIBLE_SOLVERS = {REVERSIBLE_HEUN.name: REVERSIBLE_HEUN, ALF_SOLVER.name: ALF_SOLVER}
 
 
 def solver_names() -> list[str]:
     """Every valid solver name (for error messages and config validation)."""
-    return sorted(SOLVERS)
+    return (
+        sorted(SOLVERS)
+        + [_REVERSIBLE_PREFIX + name for name in sorted(SOLVERS)]
+        + sorted(REVERSIBLE_SOLVERS)
+    )
+
+
+def reversible_solver_names() -> list[str]:
+    """The names of the algebraically reversible solvers (usable with adjoint="reversible")."""
+    return [name for name in solver_names() if get_solver(name).reversible]
 
 
 def get_solver(solver: str | AbstractSolver) -> AbstractSolver:
-    """Returns the solver for a name ("euler", "midpoint", "heun", "rk4") or passes an
-    `AbstractSolver` (e.g. a `ButcherTableau`) through."""
+    """Returns the solver for a name or passes an `AbstractSolver` through.
+
+    Names: "euler", "midpoint", "heun", "rk4" (explicit Runge–Kutta); "reversible:<base>" for
+    McCallum & Foster's reversible wrapper of a base method with the default coupling λ = 0.999
+    (e.g. "reversible:rk4"; pass `Reversible(tableau, coupling=λ)` for another λ or tableau);
+    "reversible_heun"; "alf" (MALI's asynchronous leapfrog, η = 1; pass `ALF(eta=η)` to damp).
+    """
     if isinstance(solver, AbstractSolver):
         return solver
     if isinstance(solver, str):
         if solver in SOLVERS:
             return SOLVERS[solver]
+        if solver in REVERSIBLE_SOLVERS:
+            return REVERSIBLE_SOLVERS[solver]
+        if solver.startswith(_REVERSIBLE_PREFIX) and solver[len(_REVERSIBLE_PREFIX) :] in SOLVERS:
+            return Reversible(SOLVERS[solver[len(_REVERSIBLE_PREFIX) :]])
         raise ValueError(
             f"Unknown solver {solver!r}; valid names are {solver_names()}, or pass a "
-            "ButcherTableau or another AbstractSolver."
+            "ButcherTableau, Reversible(tableau, coupling=λ), ALF(eta=η) or another AbstractSolver."
         )
     raise TypeError(
         f"solver must be a name in {solver_names()} or an AbstractSolver (e.g. a "

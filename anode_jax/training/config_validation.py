@@ -24,8 +24,11 @@ NORMS = ("batch", "group")
 _FALLBACK_MODELS = ("small", "resnet", "resnet4", "resnet10", "alexnet", "sqnxt")
 _FALLBACK_Q = ("none", "rda", "conv")
 _FALLBACK_SOLVERS = ("euler", "midpoint", "heun", "rk4")
-_ADJOINT_RE = re.compile(r"^(direct|anode|backsolve|checkpointed(:[1-9][0-9]*)?)$")
-ADJOINT_CHOICES = "direct, anode, backsolve, checkpointed:K (K >= 1)"
+_ADJOINT_RE = re.compile(r"^(direct|anode|backsolve|reversible|checkpointed(:[1-9][0-9]*)?)$")
+ADJOINT_CHOICES = (
+    "direct, anode, backsolve, checkpointed:K (K >= 1), reversible (with a reversible solver: "
+    "reversible:<base>, reversible_heun or alf)"
+)
 
 
 def model_names() -> tuple[str, ...]:
@@ -58,10 +61,20 @@ def norm_names() -> tuple[str, ...]:
 def solver_names() -> tuple[str, ...]:
     try:
         from anode_jax.ode import SOLVERS
+        from anode_jax.ode import solver_names as core_solver_names
 
-        return tuple(SOLVERS)
+        return tuple(SOLVERS) + tuple(n for n in core_solver_names() if n not in SOLVERS)
     except ImportError:
         return _FALLBACK_SOLVERS
+
+
+def _is_reversible_solver(name: str) -> bool:
+    try:
+        from anode_jax.ode import get_solver
+
+        return bool(get_solver(name).reversible)
+    except ImportError:
+        return name.startswith("reversible") or name == "alf"
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -173,6 +186,12 @@ def validate_config(
             f"config.model.adjoint='backsolve' is the Neural ODE adjoint: use it with "
             f"config.model.method='backsolve' (got method {method!r}); valid adjoints for "
             f"{method}: direct, anode, checkpointed:K"
+        )
+    if adjoint == "reversible" and not _is_reversible_solver(flat["model.solver"]):
+        raise ConfigError(
+            f"config.model.adjoint='reversible' needs a reversible config.model.solver "
+            f"(got {flat['model.solver']!r}); choose one of: "
+            + ", ".join(n for n in solver_names() if _is_reversible_solver(n))
         )
     _choice("model.q", flat["model.q"], q_names())
     _choice("model.norm", flat["model.norm"], norm_names())

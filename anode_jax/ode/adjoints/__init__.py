@@ -8,6 +8,9 @@
 |                   |                             | 2019, Alg. 1)                              |        |
 | Checkpointed(k)   | the block input y0          | binomial (revolve) schedule: ≤ k states    | yes    |
 |                   |                             | alive, recompute the rest                  |        |
+| ReversibleAdjoint | the block output y1 (and   | reconstruct each step input by the         | yes    |
+|                   | the solver's auxiliary     | solver's algebraic inverse, backpropagate  |        |
+|                   | state)                      | through that step (McCallum & Foster 2024) |        |
 | Backsolve         | the block output y1         | integrate the adjoint ODE backwards in     | no     |
 |                   |                             | time (Chen et al. 2018, Eq. 4–5)           |        |
 
@@ -23,18 +26,26 @@ from anode_jax.ode.adjoints.backsolve import Backsolve
 from anode_jax.ode.adjoints.base import AbstractAdjoint, SolveSpec
 from anode_jax.ode.adjoints.checkpointed import Checkpointed
 from anode_jax.ode.adjoints.direct import Direct
+from anode_jax.ode.adjoints.reversible import ReversibleAdjoint
 
-ADJOINTS = ("direct", "anode", "checkpointed", "backsolve")
+ADJOINTS = ("direct", "anode", "checkpointed", "backsolve", "reversible")
 _CHECKPOINTED_RE = re.compile(r"^checkpointed(?::(\d+))?$")
-_BY_NAME = {"direct": Direct, "anode": Anode, "backsolve": Backsolve}
+_BY_NAME = {
+    "direct": Direct,
+    "anode": Anode,
+    "backsolve": Backsolve,
+    "reversible": ReversibleAdjoint,
+}
 _VALID = (
-    "valid names are 'direct', 'anode', 'backsolve' and 'checkpointed:K' (K >= 1 states kept "
-    "per block), or pass Direct(), Anode(), Checkpointed(num_checkpoints=K) or Backsolve()"
+    "valid names are 'direct', 'anode', 'backsolve', 'reversible' (with a reversible solver) "
+    "and 'checkpointed:K' (K >= 1 states kept per block), or pass Direct(), Anode(), "
+    "Checkpointed(num_checkpoints=K), Backsolve() or ReversibleAdjoint()"
 )
 
 
 def get_adjoint(adjoint: str | AbstractAdjoint) -> AbstractAdjoint:
-    """Parses a strategy name ("direct", "anode", "backsolve", "checkpointed[:K]") or object."""
+    """Parses a strategy name ("direct", "anode", "backsolve", "reversible", "checkpointed[:K]")
+    or passes an AbstractAdjoint through."""
     if isinstance(adjoint, AbstractAdjoint):
         return adjoint
     if isinstance(adjoint, str):
@@ -57,6 +68,7 @@ __all__ = [
     "Backsolve",
     "Checkpointed",
     "Direct",
+    "ReversibleAdjoint",
     "SolveSpec",
     "get_adjoint",
 ]
