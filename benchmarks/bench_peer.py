@@ -72,6 +72,15 @@ def to_markdown(payload) -> str:
         f"{m['platform']}, {m['cpu_count']} CPUs, backend {m['backend']}; Python {m['python']}, "
         f"jax {m['jax']}; {m['date']}.",
         "",
+        f"Load average during the run: {payload.get('load_average', 'not recorded')}."
+        + (
+            " **The machine was shared: the PyTorch figures were taken on an idle machine, so "
+            "the ratios to them are not valid for this run; the loop-safe/lax ratio (same run) "
+            "is.**"
+            if payload.get("load_average", 0) > m["cpu_count"]
+            else ""
+        ),
+        "",
         "One training step (forward, ANODE backward, SGD momentum, BatchNorm statistics), "
         "batch 128 × 32 × 32 × 3, ODE blocks with Euler and Nt = 2, median of "
         f"{payload['repeats']} steps after one warm-up. PyTorch: the original ANODE code with "
@@ -113,7 +122,12 @@ def main():
                 f"{row['compile_s']:.1f} s",
                 flush=True,
             )
-    payload = {"machine": _common.machine(), "repeats": args.repeats, "rows": rows}
+    payload = {
+        "machine": _common.machine(),
+        "repeats": args.repeats,
+        "rows": rows,
+        "load_average": round(os.getloadavg()[0], 1),
+    }
     _common.write_results("bench_peer", payload, to_markdown(payload))
 
 
