@@ -94,8 +94,8 @@ ALL_STRATEGIES = ("backsolve", *EXACT_STRATEGIES)
 class GradSetup:
     """Shape of the gradient-consistency problem: z0 ~ N(0, 1) of (batch, size, size, channels)."""
 
-    batch: int = 8
-    size: int = 16
+    batch: int = 4
+    size: int = 8
     channels: int = 16
     seed: int = 0
 
