@@ -98,6 +98,8 @@ class GradSetup:
     size: int = 8
     channels: int = 16
     seed: int = 0
+    #: cotangent v of the loss <z(1), v>: "normal" (v ~ N(0, 1)) or "ones" (loss = sum z(1))
+    cotangent: str = "normal"
 
 
 def _field_module(name: str, channels: int):
@@ -158,6 +160,8 @@ def gradient_case(
         shape = (setup.batch, setup.size, setup.size, setup.channels)
         z0 = jax.random.normal(k_z, shape, jnp.float32).astype(dt)
         v = jax.random.normal(k_v, shape, jnp.float32).astype(dt)
+        if setup.cotangent == "ones":
+            v = jnp.ones(shape, dt)
         vf = _field_module(field, setup.channels)
         params0 = vf.init(k_init, jnp.zeros((), jnp.float32), z0.astype(jnp.float32))["params"]
 
@@ -236,14 +240,16 @@ def run_gradients(
     setup=GradSetup(),
     out_dir=RESULTS,
     log=print,
+    name: str = "gradients",
 ) -> dict[str, Any]:
-    """All gradient cases; writes ``gradients.json`` and the two figures into ``out_dir``."""
+    """All gradient cases; writes ``<name>.json`` (and, for the default name, the two
+    figures) into ``out_dir``."""
     import jax
 
     from benchmarks._common import machine
 
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "gradients.json")
+    path = os.path.join(out_dir, f"{name}.json")
     previous = {}
     if os.path.exists(path):  # resume: keep the cases already measured with this setup
         with open(path) as f:
@@ -286,7 +292,8 @@ def run_gradients(
                     write(partial=True)
                     jax.clear_caches()
     payload = write(partial=False)
-    plot_gradients(payload, out_dir)
+    if name == "gradients":
+        plot_gradients(payload, out_dir)
     return payload
 
 
@@ -796,6 +803,30 @@ def gradient_section(results_dir: str = RESULTS) -> tuple[str, dict[str, Any]]:
             f"| {solver} | {nt} | {_fmt(ours)} | {_fmt(anchor)} | {ratio:.2f} | "
             f"{'yes' if ok else 'no'}{'' if nt in (1, 2, 8) else ' (not a target)'} |"
         )
+    ones_path = os.path.join(results_dir, "gradients_ones.json")
+    if os.path.exists(ones_path):
+        with open(ones_path) as f:
+            ones = {
+                (r["solver"], r["num_steps"]): r
+                for r in json.load(f)["records"]
+                if r["field"] == "resnet" and r["dtype"] == "float32" and r["weight_scale"] == 1.0
+            }
+        out.append("")
+        out.append(
+            "Sensitivity to the loss (the anchor's loss is not stated): the same ResNet block "
+            "with the cotangent `v = 1` (loss `Σ z(1)`) instead of `v ~ N(0, 1)` "
+            f"([`gradients_ones.json`]({_rel_link(ones_path)})):\n"
+        )
+        out.append("| solver | Nt | backsolve, v ~ N(0,1) | backsolve, v = 1 | anchor |")
+        out.append("|---|---|---|---|---|")
+        for (solver, nt), anchor in ANCHOR_GRAD.items():
+            r, o = find("resnet", solver, nt, "float32", 1.0), ones.get((solver, nt))
+            if o is None:
+                continue
+            out.append(
+                f"| {solver} | {nt} | {_fmt(r and r['backsolve_theta'])} | "
+                f"{_fmt(o['backsolve_theta'])} | {_fmt(anchor)} |"
+            )
     r3 = find("resnet", "euler", 1, "float32", 3.0)
     if r3:
         out.append(
@@ -1131,6 +1162,12 @@ def main(argv=None) -> int:
     g.add_argument("--fields", type=_csv, default=GRAD_FIELDS)
     g.add_argument("--solvers", type=_csv, default=GRAD_SOLVERS)
     g.add_argument("--nts", type=lambda v: tuple(int(x) for x in _csv(v)), default=GRAD_NTS)
+    g.add_argument("--dtypes", type=_csv, default=GRAD_DTYPES)
+    g.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="the ResNet block with loss sum(z(1)) at the anchor's Nt (gradients_ones.json)",
+    )
     t = sub.add_parser("train", help="the CIFAR-10 table (resumable)")
     t.add_argument("--scale", choices=("cpu", "paper"), required=True)
     t.add_argument("--data-dir", required=True, help="CIFAR-10 in an official layout")
@@ -1149,7 +1186,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, flush=True)
     if args.part == "gradients":
-        run_gradients(args.fields, args.solvers, args.nts, log=log)
+        if args.sensitivity:
+            run_gradients(
+                ("resnet",),
+                ("euler", "midpoint"),
+                (1, 2, 8, 32),
+                ("float32",),
+                (1.0,),
+                GradSetup(cotangent="ones"),
+                log=log,
+                name="gradients_ones",
+            )
+        else:
+            run_gradients(args.fields, args.solvers, args.nts, args.dtypes, log=log)
     elif args.part == "train":
         run_table(
             args.scale,
