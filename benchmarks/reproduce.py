@@ -271,6 +271,8 @@ def run_gradients(
         }
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
+        if name == "gradients":  # figures of what is measured so far
+            plot_gradients(payload, out_dir)
         return payload
 
     for field in fields:
@@ -291,10 +293,7 @@ def run_gradients(
                         )
                     write(partial=True)
                     jax.clear_caches()
-    payload = write(partial=False)
-    if name == "gradients":
-        plot_gradients(payload, out_dir)
-    return payload
+    return write(partial=False)
 
 
 def _case_key(r: dict[str, Any]) -> tuple:
@@ -360,7 +359,7 @@ def plot_gradients(payload: dict[str, Any], out_dir: str) -> list[str]:
                                 styles[dtype],
                                 color="gray",
                                 lw=0.8,
-                                label=f"anode/checkpointed {dtype[-2:]}"
+                                label=f"anode/checkpointed {dtype[-2:]} (0 drawn at 1e-17)"
                                 if solver == "euler"
                                 else None,
                             )
@@ -397,8 +396,8 @@ def plot_gradients(payload: dict[str, Any], out_dir: str) -> list[str]:
                 if lab not in labels:
                     handles.append(h)
                     labels.append(lab)
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-        fig.tight_layout(rect=(0, 0.1 if kind == "grad" else 0.06, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, 2 * len(fields)), fontsize=7)
+        fig.tight_layout(rect=(0, 0.14 if kind == "grad" else 0.08, 1, 1))
         name = "gradient_error.png" if kind == "grad" else "reconstruction.png"
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=90)
