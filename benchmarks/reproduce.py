@@ -275,10 +275,11 @@ def run_gradients(
             plot_gradients(payload, out_dir)
         return payload
 
+    # field-major, both dtypes of a case together: an interrupted run has whole fields done
     for field in fields:
-        for dtype in dtypes:
-            for solver in solvers:
-                for nt in nts:
+        for solver in solvers:
+            for nt in nts:
+                for dtype in dtypes:
                     keys = [(field, solver, nt, dtype, float(s)) for s in scales]
                     if all(k in previous for k in keys):
                         records.extend(previous[k] for k in keys)
