@@ -241,6 +241,7 @@ def run_gradients(
     out_dir=RESULTS,
     log=print,
     name: str = "gradients",
+    live_figures: bool = True,
 ) -> dict[str, Any]:
     """All gradient cases; writes ``<name>.json`` (and, for the default name, the two
     figures) into ``out_dir``."""
@@ -271,7 +272,7 @@ def run_gradients(
         }
         with open(path, "w") as f:
             json.dump(payload, f, indent=1)
-        if name == "gradients":  # figures of what is measured so far
+        if name == "gradients" and (live_figures or not partial):  # figures so far
             plot_gradients(payload, out_dir)
         return payload
 

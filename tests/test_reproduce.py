@@ -64,6 +64,7 @@ def test_gradient_part_tiny(tmp_path):
         setup=R.GradSetup(batch=2, size=4, channels=4),
         out_dir=str(tmp_path),
         log=lambda msg: None,
+        live_figures=False,
     )
     for name in ("gradients.json", "gradient_error.png", "reconstruction.png"):
         assert (tmp_path / name).stat().st_size > 0
