@@ -1078,7 +1078,7 @@ def write_report(results_dir: str = RESULTS, doc_path: str = DOC_PATH) -> str:
     parts.append(
         "Anchors (ANODEv2 paper table, as shown in the original ANODE repository; test "
         "accuracy %, baseline / Neural ODE / ANODE): "
-        + "; ".join(f"{m} {a[0]} / {a[1]} / {a[2]}" for m, a in ANCHOR_TABLE.items())
+        + "; ".join(f"{m} {a[0]:.2f} / {a[1]:.2f} / {a[2]:.2f}" for m, a in ANCHOR_TABLE.items())
         + ". "
         + ANCHOR_SQNXT
         + "\n"
