@@ -653,6 +653,93 @@ def plot_curves(scale: str, runs: dict[str, dict[str, Any]], out_dir: str) -> li
     return paths
 
 
+def network_gradients(
+    data_dir: str,
+    *,
+    models=TABLE_MODELS,
+    batch: int = 128,
+    scale: str = "cpu",
+    out_path: str = os.path.join(RESULTS, "network_gradients.json"),
+    log=print,
+    **overrides,
+) -> dict[str, Any]:
+    """Backsolve's error on the training gradient of the table's own networks at init.
+
+    For each model: the ``scale``'s network (width, solver, Nt) at its seed-0
+    initialization, the first ``batch`` training images (normalized, no augmentation),
+    cross-entropy loss; relative error of the full parameter gradient with
+    ``adjoint="backsolve"`` vs ``"anode"`` (exact), over all parameters and over the ODE
+    blocks' parameters only, and the cosine between the two gradients.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from anode_jax.data import load_dataset
+    from anode_jax.data.augment import normalize
+    from anode_jax.training import build_model
+
+    results = {}
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            results = json.load(f).get("models", {})
+    for model_name in models:
+        if model_name in results:
+            continue
+        c = run_config(scale, model_name, "anode", 0, data_dir, **overrides)
+        ds = load_dataset("cifar10", data_dir, train_size=batch, test_size=1)
+        x = normalize(
+            jnp.asarray(ds.train_images[:batch]),
+            pixel_scale=ds.pixel_scale,
+            mean=ds.mean,
+            std=ds.std,
+        )
+        y = jnp.asarray(ds.train_labels[:batch])
+        grads = {}
+        variables = None
+        for adjoint in ("anode", "backsolve"):
+            c.model.adjoint = adjoint
+            model = build_model(c, ds.num_classes)
+            if variables is None:
+                variables = model.init({"params": jax.random.PRNGKey(0)}, x[:2], train=False)
+
+            def loss_fn(params, model=model):
+                logits, _ = model.apply(
+                    {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+                )
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+            grads[adjoint] = jax.jit(jax.grad(loss_fn))(variables["params"])
+        flat = {
+            k: {
+                jax.tree_util.keystr(p): np.asarray(v, np.float64)
+                for p, v in jax.tree_util.tree_leaves_with_path(g)
+            }
+            for k, g in grads.items()
+        }
+        ode_keys = [k for k in flat["anode"] if "vector_field" in k]
+        ref, bs = flat["anode"], flat["backsolve"]
+        cos = sum(float(np.sum(ref[k] * bs[k])) for k in ref) / math.sqrt(
+            sum(float(np.sum(ref[k] ** 2)) for k in ref)
+            * sum(float(np.sum(bs[k] ** 2)) for k in ref)
+        )
+        results[model_name] = {
+            "width": c.model.width,
+            "solver": c.model.solver,
+            "num_steps": c.model.num_steps,
+            "batch": batch,
+            "rel_error_all": _rel([bs[k] for k in ref], [ref[k] for k in ref]),
+            "rel_error_ode_blocks": _rel([bs[k] for k in ode_keys], [ref[k] for k in ode_keys]),
+            "cosine": cos,
+        }
+        log(f"{model_name}: {results[model_name]}")
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+        with open(out_path, "w") as f:
+            json.dump({"scale": scale, "models": results}, f, indent=1)
+        jax.clear_caches()
+    return results
+
+
 # --------------------------------------------------------------------------------------------
 # Part 3: time per epoch of the paper recipe on this machine
 
@@ -1054,6 +1141,8 @@ python benchmarks/reproduce.py gradients
 python benchmarks/reproduce.py train --scale=cpu --data-dir=../shared/data/cifar10
 # 2'. the papers' full recipe on full CIFAR-10 (GPU), unchanged; one seed by default
 python benchmarks/reproduce.py train --scale=paper --data-dir=/path/to/cifar-10-batches-py
+# backsolve's gradient error in the CPU-scale networks at initialization
+python benchmarks/reproduce.py network-gradients --data-dir=../shared/data/cifar10
 # time per epoch of the paper recipe on this machine (a few trainer steps, extrapolated)
 python benchmarks/reproduce.py time-paper --data-dir=../shared/data/cifar10
 # regenerate this page from docs/reproduction/
@@ -1101,6 +1190,27 @@ def write_report(results_dir: str = RESULTS, doc_path: str = DOC_PATH) -> str:
         + ", ".join(f"{m} ×{w:g}" for m, w in CPU_WIDTH.items())
         + ".\n"
     )
+    net_path = os.path.join(results_dir, "network_gradients.json")
+    if os.path.exists(net_path):
+        with open(net_path) as f:
+            net = json.load(f)["models"]
+        parts.append(
+            "How wrong is backsolve's training gradient in these networks? The full "
+            "parameter gradient of the cross-entropy on the first 128 training images, at the "
+            "seed-0 initialization of each CPU-scale network, backsolve vs ANODE (exact) "
+            f"([`network_gradients.json`]({_rel_link(net_path)})):\n"
+        )
+        parts.append(
+            "| model | width | solver, Nt | rel. error, all params | rel. error, ODE-block params | cosine |"
+        )
+        parts.append("|---|---|---|---|---|---|")
+        for model, r in net.items():
+            parts.append(
+                f"| {model} | {r['width']:g} | {r['solver']}, {r['num_steps']} | "
+                f"{_fmt(r['rel_error_all'])} | {_fmt(r['rel_error_ode_blocks'])} | "
+                f"{r['cosine']:.4f} |"
+            )
+        parts.append("")
     cpu_md, _ = training_section("cpu", results_dir)
     parts.append(cpu_md)
     parts.append("### Paper scale\n")
@@ -1183,6 +1293,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--models", type=_csv, default=TABLE_MODELS)
     p.add_argument("--steps", type=int, default=3)
+    n = sub.add_parser("network-gradients", help="backsolve's error in the table's networks")
+    n.add_argument("--data-dir", required=True)
+    n.add_argument("--models", type=_csv, default=TABLE_MODELS)
     sub.add_parser("report", help="regenerate docs/reproduction.md")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, flush=True)
@@ -1213,6 +1326,8 @@ def main(argv=None) -> int:
             width=args.width,
             log=log,
         )
+    elif args.part == "network-gradients":
+        network_gradients(args.data_dir, models=args.models, log=log)
     elif args.part == "time-paper":
         time_paper(args.data_dir, models=args.models, steps=args.steps, log=log)
     write_report()
