@@ -740,6 +740,71 @@ def network_gradients(
     return results
 
 
+def bn_check(
+    scale: str,
+    *,
+    runs_dir: str = os.path.join(ROOT, "runs", "reproduce"),
+    results_dir: str = RESULTS,
+    batch: int = 1000,
+    log=print,
+) -> dict[str, Any]:
+    """Test accuracy of each finished run's final checkpoint with BatchNorm's running
+    averages (what the trainer reports) and with the statistics of each test batch of
+    ``batch`` images. A large difference means the network's behaviour depends on
+    statistics the running averages do not capture. Needs the run's workdir (checkpoints);
+    writes ``bn_check.json`` next to the run's committed ``summary.json``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from anode_jax.data.augment import normalize
+    from anode_jax.training.loop import _setup  # restores the checkpoint as a resume does
+
+    out = {}
+    for name, entry in load_runs(scale, results_dir).items():
+        dest = os.path.join(results_dir, scale, name, "bn_check.json")
+        workdir = os.path.join(runs_dir, scale, name)
+        if entry["summary"] is None or os.path.exists(dest):
+            continue
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            continue
+        import ml_collections
+
+        config = ml_collections.ConfigDict(entry["summary"]["config"])
+        setup = _setup(config, workdir)
+        setup.checkpointer.close()
+        ds, model, state = setup.dataset, setup.model, setup.state
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+        def make_correct(train: bool):
+            def correct(images, labels):
+                x = normalize(images, pixel_scale=ds.pixel_scale, mean=ds.mean, std=ds.std)
+                if train:
+                    logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+                else:
+                    logits = model.apply(variables, x, train=False)
+                return jnp.sum(jnp.argmax(logits, -1) == labels)
+
+            return jax.jit(correct)
+
+        result = {}
+        for mode, train in (("running_averages", False), ("batch_statistics", True)):
+            correct = make_correct(train)
+            hits, count = 0, 0
+            for i in range(0, len(ds.test_labels) - batch + 1, batch):
+                hits += int(correct(ds.test_images[i : i + batch], ds.test_labels[i : i + batch]))
+                count += batch
+            result[f"test_accuracy_{mode}"] = hits / count
+        result["batch"] = batch
+        result["step"] = int(setup.restored_meta["step"])
+        with open(dest, "w") as f:
+            json.dump(result, f, indent=1)
+        out[name] = result
+        log(f"{name}: {result}")
+        jax.clear_caches()
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Part 3: time per epoch of the paper recipe on this machine
 
@@ -1296,6 +1361,9 @@ def main(argv=None) -> int:
     n = sub.add_parser("network-gradients", help="backsolve's error in the table's networks")
     n.add_argument("--data-dir", required=True)
     n.add_argument("--models", type=_csv, default=TABLE_MODELS)
+    b = sub.add_parser("bn-check", help="test accuracy with running vs batch BN statistics")
+    b.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
+    b.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "reproduce"))
     sub.add_parser("report", help="regenerate docs/reproduction.md")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, flush=True)
@@ -1326,6 +1394,8 @@ def main(argv=None) -> int:
             width=args.width,
             log=log,
         )
+    elif args.part == "bn-check":
+        bn_check(args.scale, runs_dir=args.runs_dir, log=log)
     elif args.part == "network-gradients":
         network_gradients(args.data_dir, models=args.models, log=log)
     elif args.part == "time-paper":
