@@ -517,6 +517,7 @@ def run_table(
     results_dir: str = RESULTS,
     retry_failed: bool = False,
     report: bool = True,
+    check_bn: bool = True,
     log=print,
     **overrides,
 ) -> list[dict[str, Any]]:
@@ -559,7 +560,8 @@ def run_table(
                     summary = None
                 else:
                     _copy_results(workdir, dest)
-                    bn_check(scale, runs_dir=runs_dir, results_dir=results_dir, log=log)
+                    if check_bn:
+                        bn_check(scale, runs_dir=runs_dir, results_dir=results_dir, log=log)
                     log(
                         f"{name}: final test accuracy {summary['final_test_accuracy']:.4f}, "
                         f"{summary['wall_time_s']:.0f} s"
@@ -778,6 +780,7 @@ def bn_check(
         setup = _setup(config, workdir)
         setup.checkpointer.close()
         ds, model, state = setup.dataset, setup.model, setup.state
+        batch = min(batch, len(ds.test_labels))
         variables = {"params": state.params, "batch_stats": state.batch_stats}
 
         def make_correct(train: bool):

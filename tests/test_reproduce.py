@@ -108,6 +108,7 @@ def test_training_part_tiny(tmp_path):
         runs_dir=runs,
         results_dir=results,
         report=False,
+        check_bn=False,
         log=lambda msg: None,
         epochs=1,
         width=0.0625,
@@ -125,6 +126,16 @@ def test_training_part_tiny(tmp_path):
         assert 0.0 <= summary["final_test_accuracy"] <= 1.0
         assert os.path.exists(os.path.join(results, "cpu", name, "metrics.jsonl"))
     assert R.run_table("cpu", data, **kwargs) == []  # finished runs are skipped
+    bn = R.bn_check("cpu", runs_dir=runs, results_dir=results, log=lambda msg: None)
+    assert sorted(bn) == ["resnet4-anode-s0", "resnet4-backsolve-s0"]
+    for name, r in bn.items():
+        with open(os.path.join(results, "cpu", name, "summary.json")) as f:
+            summary = json.load(f)
+        # running averages = the trainer's own evaluation of the same checkpoint and images
+        assert r["test_accuracy_running_averages"] == pytest.approx(
+            summary["final_test_accuracy"], abs=1e-6
+        )
+        assert 0.0 <= r["test_accuracy_batch_statistics"] <= 1.0
     doc = tmp_path / "reproduction.md"
     text = R.write_report(results_dir=results, doc_path=str(doc))
     assert "Runs finished: 2 of 32" in text
