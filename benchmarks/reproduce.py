@@ -963,6 +963,20 @@ def gradient_section(results_dir: str = RESULTS) -> tuple[str, dict[str, Any]]:
             f"| {solver} | {nt} | {_fmt(ours)} | {_fmt(anchor)} | {ratio:.2f} | "
             f"{'yes' if ok else 'no'}{'' if nt in (1, 2, 8) else ' (not a target)'} |"
         )
+    r3 = find("resnet", "euler", 1, "float32", 3.0)
+    if r3:
+        out.append(
+            f"| euler, weights ×3 | 1 | {_fmt(r3['backsolve_theta'])} | "
+            f"{ANCHOR_GRAD_X3['euler_nt1_grad']} | "
+            f"{r3['backsolve_theta'] / ANCHOR_GRAD_X3['euler_nt1_grad']:.2f} | (not a target) |"
+        )
+        out.append(
+            f"| z(0) reconstruction, ×3 | 1 | {_fmt(r3['recon_error'])} | "
+            f"{ANCHOR_GRAD_X3['euler_nt1_recon']} | "
+            f"{r3['recon_error'] / ANCHOR_GRAD_X3['euler_nt1_recon']:.2f} | (not a target) |"
+        )
+    out.append("")
+
     ones_path = os.path.join(results_dir, "gradients_ones.json")
     if os.path.exists(ones_path):
         with open(ones_path) as f:
@@ -987,18 +1001,6 @@ def gradient_section(results_dir: str = RESULTS) -> tuple[str, dict[str, Any]]:
                 f"| {solver} | {nt} | {_fmt(r and r['backsolve_theta'])} | "
                 f"{_fmt(o['backsolve_theta'])} | {_fmt(anchor)} |"
             )
-    r3 = find("resnet", "euler", 1, "float32", 3.0)
-    if r3:
-        out.append(
-            f"| euler, weights ×3 | 1 | {_fmt(r3['backsolve_theta'])} | "
-            f"{ANCHOR_GRAD_X3['euler_nt1_grad']} | "
-            f"{r3['backsolve_theta'] / ANCHOR_GRAD_X3['euler_nt1_grad']:.2f} | (not a target) |"
-        )
-        out.append(
-            f"| z(0) reconstruction, ×3 | 1 | {_fmt(r3['recon_error'])} | "
-            f"{ANCHOR_GRAD_X3['euler_nt1_recon']} | "
-            f"{r3['recon_error'] / ANCHOR_GRAD_X3['euler_nt1_recon']:.2f} | (not a target) |"
-        )
     out.append("")
 
     # exact strategies
