@@ -317,7 +317,10 @@ def plot_gradients(payload: dict[str, Any], out_dir: str) -> list[str]:
     paths = []
     for kind in ("grad", "recon"):
         fig, axes = plt.subplots(
-            len(scales), len(fields), figsize=(4.2 * len(fields), 3.4 * len(scales)), squeeze=False
+            len(scales),
+            len(fields),
+            figsize=(max(9.0, 4.2 * len(fields)), 3.4 * len(scales)),
+            squeeze=False,
         )
         for i, scale in enumerate(scales):
             for j, field in enumerate(fields):
