@@ -1187,6 +1187,9 @@ def training_section(scale: str, results_dir: str = RESULTS) -> tuple[str, dict[
                 f"* ANODE − baseline (paired by seed): {_pm(g)} points → "
                 f"{'within' if ok else 'NOT within'} 1.5 points (target)."
             )
+        g = gap("anode", "baseline", bn_acc)
+        if g:
+            lines.append(f"* ANODE − baseline, both evaluated with batch-stat BN: {_pm(g)} points.")
         g = gap("backsolve", "anode")
         if g:
             lines.append(
