@@ -3,14 +3,22 @@
 One command per part; every part writes into ``docs/reproduction/`` (committed results)
 and regenerates ``docs/reproduction.md`` from what is there::
 
-    # 1. gradient consistency (no training, ~10-20 min on 2 CPU cores)
+    # 1. gradient consistency (no training; resumable; hours on 2 shared CPU cores,
+    #    dominated by compilation of the Nt = 16/32 RK4 cases)
     python benchmarks/reproduce.py gradients
+    python benchmarks/reproduce.py gradients --sensitivity   # ResNet block, loss sum z(1)
 
     # 2. CIFAR-10 table at CPU scale (shared 10k/10k subset; resumable, rerun to continue)
     python benchmarks/reproduce.py train --scale=cpu --data-dir=../shared/data/cifar10
 
     # 2'. the papers' full recipe on full CIFAR-10 (GPU), unchanged
     python benchmarks/reproduce.py train --scale=paper --data-dir=/path/to/cifar10
+
+    # backsolve's error on the training gradient of the CPU-scale networks (at init)
+    python benchmarks/reproduce.py network-gradients --data-dir=../shared/data/cifar10
+
+    # test accuracy of finished runs with batch-statistics BN (run after each training run)
+    python benchmarks/reproduce.py bn-check --scale=cpu
 
     # time per epoch of the paper recipe on this machine (a few steps, extrapolated)
     python benchmarks/reproduce.py time-paper --data-dir=../shared/data/cifar10
@@ -1235,12 +1243,15 @@ and `gradients.json`); none is typed by hand.
 ```bash
 # 1. gradient consistency (no training; resumable)
 python benchmarks/reproduce.py gradients
+python benchmarks/reproduce.py gradients --sensitivity   # ResNet block with the loss sum z(1)
 # 2. CIFAR-10 table, CPU scale: the shared 10k/10k subset (resumable: rerun to continue)
 python benchmarks/reproduce.py train --scale=cpu --data-dir=../shared/data/cifar10
 # 2'. the papers' full recipe on full CIFAR-10 (GPU), unchanged; one seed by default
 python benchmarks/reproduce.py train --scale=paper --data-dir=/path/to/cifar-10-batches-py
 # backsolve's gradient error in the CPU-scale networks at initialization
 python benchmarks/reproduce.py network-gradients --data-dir=../shared/data/cifar10
+# test accuracy with batch-statistics BN of finished runs (train runs it after each run)
+python benchmarks/reproduce.py bn-check --scale=cpu
 # time per epoch of the paper recipe on this machine (a few trainer steps, extrapolated)
 python benchmarks/reproduce.py time-paper --data-dir=../shared/data/cifar10
 # regenerate this page from docs/reproduction/
