@@ -1234,9 +1234,10 @@ The papers' claim: the Neural ODE adjoint (*backsolve*, Chen et al. 2018) gives 
 gradient for ReLU/conv networks and training suffers, while ANODE's
 discretize-then-optimize gradient is exact and trains like the discrete network; ANODEv2
 adds evolving weights. This page measures both halves with this project's own models and
-trainer. Every number below is read by the driver from the committed result files in
-[`docs/reproduction/`](reproduction/) (the trainer's own `summary.json` / `metrics.jsonl`
-and `gradients.json`); none is typed by hand.
+trainer. Every number in sections 1 and 2 is read by the driver from the committed result
+files in [`docs/reproduction/`](reproduction/) (the trainer's own `summary.json` /
+`metrics.jsonl`, `gradients.json`, `bn_check.json`, ...); none is typed by hand. Section 3 is
+hand-written discussion of them.
 
 ## Commands
 
