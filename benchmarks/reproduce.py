@@ -1445,6 +1445,10 @@ def main(argv=None) -> int:
         network_gradients(args.data_dir, models=args.models, log=log)
     elif args.part == "time-paper":
         time_paper(args.data_dir, models=args.models, steps=args.steps, log=log)
+    grad_json = os.path.join(RESULTS, "gradients.json")
+    if args.part == "report" and os.path.exists(grad_json):  # figures with this code
+        with open(grad_json) as f:
+            plot_gradients(json.load(f), RESULTS)
     write_report()
     print(f"wrote {DOC_PATH}")
     return 0
