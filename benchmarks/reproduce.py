@@ -1217,6 +1217,9 @@ def training_section(scale: str, results_dir: str = RESULTS) -> tuple[str, dict[
         g = gap("anodev2", "anode")
         if g:
             lines.append(f"* ANODEv2 − ANODE: {_pm(g)} points.")
+        g = gap("anodev2", "anode", bn_acc)
+        if g:
+            lines.append(f"* ANODEv2 − ANODE, both evaluated with batch-stat BN: {_pm(g)} points.")
         out.extend(lines)
         out.append("")
         fig = os.path.join(results_dir, scale, f"{model}_curves.png")
