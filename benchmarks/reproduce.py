@@ -1262,7 +1262,8 @@ python benchmarks/reproduce.py time-paper --data-dir=../shared/data/cifar10
 python benchmarks/reproduce.py report
 ```
 
-Training runs live in `runs/reproduce/<scale>/<model>-<method>-s<seed>/` (checkpoints);
+Training runs live in `runs/reproduce/<scale>/<model>-<method>-s<seed>/` (checkpoints; not
+committed, so on a fresh clone an unfinished run starts over while finished ones are skipped);
 each finished run's `summary.json` and `metrics.jsonl` are copied to
 `docs/reproduction/<scale>/<run>/` and this page is regenerated, so an interrupted table
 loses at most one run's last 40 steps. Options: `--models`, `--methods`, `--seeds`,
