@@ -790,6 +790,8 @@ def bn_check(
         config = ml_collections.ConfigDict(entry["summary"]["config"])
         setup = _setup(config, workdir)
         setup.checkpointer.close()
+        if hasattr(setup, "release"):  # newer trainers hold a workdir lock during _setup
+            setup.release()
         ds, model, state = setup.dataset, setup.model, setup.state
         batch = min(batch, len(ds.test_labels))
         variables = {"params": state.params, "batch_stats": state.batch_stats}
