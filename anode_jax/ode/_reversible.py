@@ -24,7 +24,7 @@ import dataclasses
 import jax
 
 from anode_jax._typing import Array, PyTree, VectorField
-from anode_jax.ode._solvers import AbstractReversibleSolver, ButcherTableau, _axpy
+from anode_jax.ode._solvers import AbstractReversibleSolver, ButcherTableau, rk_stages
 
 
 def _lin(*terms):
@@ -51,11 +51,7 @@ def rk_increment(
     tableau: ButcherTableau, vector_field: VectorField, t: Array, dt: float, y: PyTree, args
 ) -> PyTree:
     """Ψ_h(t, y) = h Σ_i b_i k_i, the increment of one explicit RK step (y_{n+1} = y_n + Ψ)."""
-    ks = []
-    for i in range(tableau.num_stages):
-        y_stage = _axpy(y, dt, tableau.a[i], ks)
-        t_stage = t + tableau.c[i] * dt if tableau.c[i] != 0.0 else t
-        ks.append(vector_field(t_stage, y_stage, args))
+    ks = rk_stages(tableau, vector_field, t, dt, y, args)
     terms = [(dt * b, k) for b, k in zip(tableau.b, ks) if b != 0.0]
     return _lin(*terms)
 

@@ -149,16 +149,23 @@ def _axpy(y: PyTree, h: float, coeffs: Sequence[float], ks: Sequence[PyTree]) ->
     return jax.tree.map(leaf, y, *(k for _, k in terms))
 
 
-def rk_step(
+def rk_stages(
     tableau: ButcherTableau, vector_field: VectorField, t: Array, dt: float, y: PyTree, args
-) -> PyTree:
-    """One explicit RK step of fixed size `dt` (Python float; negative integrates backwards)."""
+) -> list[PyTree]:
+    """The stage derivatives k_1..k_s of one explicit RK step from (t, y) of size `dt`."""
     ks = []
     for i in range(tableau.num_stages):
         y_stage = _axpy(y, dt, tableau.a[i], ks)
         t_stage = t + tableau.c[i] * dt if tableau.c[i] != 0.0 else t
         ks.append(vector_field(t_stage, y_stage, args))
-    return _axpy(y, dt, tableau.b, ks)
+    return ks
+
+
+def rk_step(
+    tableau: ButcherTableau, vector_field: VectorField, t: Array, dt: float, y: PyTree, args
+) -> PyTree:
+    """One explicit RK step of fixed size `dt` (Python float; negative integrates backwards)."""
+    return _axpy(y, dt, tableau.b, rk_stages(tableau, vector_field, t, dt, y, args))
 
 
 def make_step(solver: AbstractSolver, vector_field: VectorField, dt: float) -> StepFn:
