@@ -158,17 +158,7 @@ class ODEBlock(nn.Module):
     unroll: bool | int | None = None
 
     def _solve(self, rhs, y0, args):
-        return odeint(
-            rhs,
-            y0,
-            args,
-            t0=0.0,
-            t1=1.0,
-            num_steps=self.num_steps,
-            solver=self.solver,
-            adjoint=self.adjoint,
-            unroll=self.unroll,
-        )
+        return _solve_block(self, rhs, y0, args)
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
@@ -239,17 +229,22 @@ class CoupledODEBlock(nn.Module):
         if track:
             y0 = y0 + (jax.tree.map(jnp.zeros_like, running.value),)
         args = (q_params, None if train else _frozen(running))
-        y1 = odeint(
-            rhs,
-            y0,
-            args,
-            t0=0.0,
-            t1=1.0,
-            num_steps=self.num_steps,
-            solver=self.solver,
-            adjoint=self.adjoint,
-            unroll=self.unroll,
-        )
+        y1 = _solve_block(self, rhs, y0, args)
         if track:
             _update_running(self, running, y1[2], self.momentum)
         return y1[0]
+
+
+def _solve_block(block, rhs, y0, args):
+    """y(1) of the block's ODE over [0, 1] with its num_steps, solver, adjoint and unroll."""
+    return odeint(
+        rhs,
+        y0,
+        args,
+        t0=0.0,
+        t1=1.0,
+        num_steps=block.num_steps,
+        solver=block.solver,
+        adjoint=block.adjoint,
+        unroll=block.unroll,
+    )
