@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -212,16 +213,35 @@ def main():
         default=1024,
         help="time a row only when L*Nt <= this (memory and compile time are always measured)",
     )
-    parser.add_argument("--skip_diffrax", action="store_true")
+    parser.add_argument(
+        "--skip_diffrax",
+        action="store_true",
+        help="measure no diffrax rows (with --resume: keep the previous run's diffrax rows)",
+    )
+    parser.add_argument(
+        "--redo",
+        action="append",
+        default=[],
+        metavar="L:NT",
+        help="with --resume: measure this (L, Nt) cell again (repeatable), e.g. --redo=8:16",
+    )
     args = parser.parse_args()
+    try:
+        redo = {tuple(int(x) for x in cell.split(":")) for cell in args.redo}
+    except ValueError:
+        parser.error(f"--redo takes cells as L:NT (e.g. 8:16), got {args.redo}")
     if args.conv:
         _CONV["fn"] = CONVS[args.conv]
     conv_name = next(k for k, v in CONVS.items() if v is _CONV["fn"])
     out_json = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_core.json")
-    previous = {}
+    previous, previous_diffrax = {}, []
     if args.resume and os.path.exists(out_json):
         with open(out_json) as f:
-            previous = {_row_key(r): r for r in json.load(f)["rows"]}
+            stored = json.load(f)
+        previous = {
+            _row_key(r): r for r in stored["rows"] if (r["blocks"], r["num_steps"]) not in redo
+        }
+        previous_diffrax = stored.get("diffrax", [])
     blocks = (2,) if args.quick else (2, 8)
     steps = (4, 16) if args.quick else (4, 16, 64, 256)
     repeats = args.repeats or 3
@@ -262,6 +282,8 @@ def main():
                     ref, ref_grads = result, grads
                     ref_label = label
                 result.update(
+                    measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    load_average=round(os.getloadavg()[0], 2),
                     blocks=num_blocks,
                     num_steps=num_steps,
                     strategy=label,
@@ -287,7 +309,10 @@ def main():
                     f"time={step} compile={result['compile_s']:.1f}s",
                     flush=True,
                 )
-    diffrax = [] if args.skip_diffrax or args.quick else diffrax_rows(state_bytes, repeats)
+    if args.skip_diffrax:
+        diffrax = previous_diffrax
+    else:
+        diffrax = [] if args.quick else diffrax_rows(state_bytes, repeats)
     final = payload(rows, diffrax, True)
     _common.write_results("bench_core", final, to_markdown(final))
 
@@ -317,17 +342,21 @@ def to_markdown(payload) -> str:
         "reference in the same run (– : not timed, L·Nt above the run's budget). Error = "
         "max |g − g_ref| / max |g_ref|. `anode`, `checkpointed:4` and `backsolve` run with the "
         "library's default loop policy (looped); `direct+remat` is `Direct(remat_policy="
-        "nothing_saveable)`: `lax.scan` over `jax.checkpoint`-ed steps.",
+        "nothing_saveable)`: `lax.scan` over `jax.checkpoint`-ed steps. Cells resumed with "
+        "`--resume --redo=L:NT` were measured at different times: *measured* gives each row's "
+        "time and the 1-minute load average then (2 cores: a load above ~2.5 means shared; "
+        "time ratios within a cell stay same-run, absolute times do not).",
         "",
-        "| L | Nt | strategy | temp (states) | memory vs ref | time (ms) | time vs ref | compile (s) | grad error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| L | Nt | strategy | temp (states) | memory vs ref | time (ms) | time vs ref | compile (s) | grad error | measured (UTC, load) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         lines.append(
             f"| {r['blocks']} | {r['num_steps']} | {r['strategy']} | {r['temp_state_sizes']:.1f} | "
             f"{r['memory_ratio']:.3f} | {_fmt(r['step_s'], '.1f', 1e3)} | "
             f"{_fmt(r['time_ratio'], '.2f')} | {r['compile_s']:.1f} | "
-            f"{_fmt(r['grad_rel_error'], '.1e')} |"
+            f"{_fmt(r['grad_rel_error'], '.1e')} | "
+            f"{r.get('measured_at', m['date'])[5:]}, {_fmt(r.get('load_average'), '.1f')} |"
         )
     if payload.get("diffrax"):
         lines += [

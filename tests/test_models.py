@@ -32,6 +32,7 @@ from anode_jax.models import (
     parameter_field,
     rda_rhs,
 )
+from anode_jax.ode import stage_times
 from tests.conftest import tree_allclose
 
 
@@ -193,15 +194,19 @@ def _layout(name, w, cin):
     raise AssertionError(name)
 
 
-def expected_counts(name, *, width, in_channels=3, num_classes=10):
+def expected_counts(name, *, width, in_channels=3, num_classes=10, knots=1):
     """{"params", "batch_stats", "rda", "conv"}: baseline params, BN statistics, and the
     extra ANODEv2 parameters p for q="rda" (5 per output channel of every vector-field
     kernel: diffusivity, 2 velocities, 2 reaction coefficients) and q="conv"
-    (O·(kh·kw)² tap-mixing weights per kernel)."""
+    (O·(kh·kw)² tap-mixing weights per kernel). Vector-field statistics are kept per
+    evaluation time: `knots` rows (1 for the residual block, 2 for Euler with N_t = 2), plus
+    the `knots` times themselves per block."""
     std, vfs, head_in = _layout(name, width, in_channels)
     convs = std + [conv for vf in vfs for conv in vf]
     params = sum(_conv(*conv) + 2 * conv[3] for conv in convs) + head_in * num_classes + num_classes
-    stats = sum(2 * conv[3] for conv in convs)
+    stats = sum(2 * conv[3] for conv in std) + knots * (
+        sum(2 * conv[3] for vf in vfs for conv in vf) + len(vfs)  # + each block's stat_times
+    )
     vf_convs = [conv for vf in vfs for conv in vf]
     rda = sum(5 * cout for _, _, _, cout, _ in vf_convs)
     mixing = sum(cout * (kh * kw) ** 2 for kh, kw, _, cout, _ in vf_convs)
@@ -224,8 +229,9 @@ def _without_q(tree):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_parameter_counts_and_shapes(name):
     """Every network in residual / ode / coupled(rda, conv) form: counts by formula, the
-    same parameter tree in every form (ANODEv2 adds only `q`), output shapes in eval and
-    train mode (shape inference only: eval_shape)."""
+    same parameter tree in every form (ANODEv2 adds only `q`), statistics per knot (the
+    default Euler, N_t = 2 solve evaluates at t = 0 and ½), output shapes in eval and train
+    mode (shape inference only: eval_shape)."""
     width = 0.25
     x = jnp.zeros((2, 8, 8, 3))
     expected = expected_counts(name, width=width)
@@ -241,8 +247,10 @@ def test_parameter_counts_and_shapes(name):
         assert logits.shape == (2, 10) and logits.dtype == jnp.float32
         assert set(variables) == {"params", "batch_stats"}
         assert count_params(variables["params"]) == expected["params"] + extra, (block, q)
-        assert count_params(variables["batch_stats"]) == expected["batch_stats"], (block, q)
-        shapes[block, q] = jax.tree.map(lambda a: a.shape, _without_q(variables))
+        knots = 1 if block == "residual" else 2
+        stats = expected_counts(name, width=width, knots=knots)["batch_stats"]
+        assert count_params(variables["batch_stats"]) == stats, (block, q)
+        shapes[block, q] = jax.tree.map(lambda a: a.shape, _without_q(variables["params"]))
         if block == "ode":
             logits, updates = jax.eval_shape(
                 lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables
@@ -274,30 +282,38 @@ def test_small_network_hand_count():
     """`small` at width 1 on 8×8×1 digits, counted by hand:
     stem 3·3·1·32 + 2·32 = 352; ODE(32) 2·(3·3·32·32 + 2·32) = 18560;
     down 3·3·32·64 + 2·64 = 18560; ODE(64) 2·(3·3·64·64 + 2·64) = 73984; head 64·10 + 10 = 650.
-    Statistics: 2·(32 + 2·32 + 64 + 2·64) = 576. ANODEv2 rda: 5·(32+32+64+64) = 960."""
+    Statistics: 2·(32 + 64) outside the blocks, 2·(2·32 + 2·64) per knot inside them, with two
+    knots (Euler, N_t = 2: t = 0, ½) and the two times per block: 192 + 2·384 + 2·2 = 964.
+    ANODEv2 rda: 5·(32+32+64+64) = 960."""
     x = jnp.zeros((4, 8, 8, 1))
     ode, _ = _abstract_init(create_model("small"), x)
     assert count_params(ode["params"]) == 352 + 18560 + 18560 + 73984 + 650 == 112106
-    assert count_params(ode["batch_stats"]) == 576
+    assert count_params(ode["batch_stats"]) == 192 + 2 * 384 + 2 * 2 == 964
     baseline, _ = _abstract_init(create_model("small", block="residual"), x)
     assert count_params(baseline["params"]) == 112106
     coupled, _ = _abstract_init(create_model("small", block="coupled", q="rda"), x)
     assert count_params(coupled["params"]) == 112106 + 960
 
 
-def _fill(shapes, seed=0, dtype=None):
+def _fill(shapes, seed=0, dtype=None, stat_times=None):
     """Concrete variables for a tree of ShapeDtypeStructs, drawn with NumPy.
 
     Eager flax init compiles one random-number program per parameter shape, which costs
     more than the tests themselves; these values play the same role: LeCun-normal
     kernels, scales near 1, small biases, non-trivial running statistics (so that eval
     mode depends on them) and non-trivial ANODEv2 parameters (the default init is zero
-    tap mixing / zero advection, which would leave parts of q untested).
+    tap mixing / zero advection, which would leave parts of q untested). The blocks'
+    `stat_times` are not random: they are the knots of the module's solve (`stat_times`),
+    as the real init writes them (a lone residual block: t = 0).
     """
     rng = np.random.default_rng(seed)
 
     def leaf(path, struct):
         name, shape = path[-1].key, struct.shape
+        if name == "stat_times":
+            value = np.zeros(shape) if stat_times is None else np.asarray(stat_times)
+            assert value.shape == shape, (path, shape, stat_times)
+            return jnp.asarray(value, struct.dtype)
         if name == "kernel":
             value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
         elif name in ("scale", "var"):
@@ -313,9 +329,18 @@ def _fill(shapes, seed=0, dtype=None):
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
 def _variables(module, *args, seed=0, dtype=None, **kwargs):
     """Variables of `module` (tree from its real init, traced only; values from _fill)."""
     shapes = jax.eval_shape(lambda: module.init({"params": jax.random.PRNGKey(0)}, *args, **kwargs))
+    if hasattr(module, "num_steps"):  # an ODE block or a network of them
+        times = stage_times(module.solver, module.num_steps)[0]
+        return _fill(shapes, seed, dtype, stat_times=times)
     return _fill(shapes, seed, dtype)
 
 
@@ -331,9 +356,9 @@ def test_init_values_of_a_block():
     )
     assert float(jnp.std(theta["Conv_0"]["kernel"])) > 0.05
     stats = variables["batch_stats"]["vector_field"]
-    for norm in ("BatchStatNorm_0", "BatchStatNorm_1"):
-        np.testing.assert_array_equal(stats[norm]["mean"], np.zeros(4))
-        np.testing.assert_array_equal(stats[norm]["var"], np.ones(4))
+    for norm in ("BatchStatNorm_0", "BatchStatNorm_1"):  # one row per knot (Euler N_t=2: 0, ½)
+        np.testing.assert_array_equal(stats[norm]["mean"], np.zeros((2, 4)))
+        np.testing.assert_array_equal(stats[norm]["var"], np.ones((2, 4)))
     q = variables["params"]["q"]["Conv_0"]["kernel"]
     np.testing.assert_allclose(jax.nn.softplus(q["diffusion"]), 0.1, rtol=1e-5)
     assert (
@@ -418,32 +443,109 @@ def test_coupled_block_with_constant_weights_is_ode_block():
 # Normalization statistics: outside the solver, once per forward.
 
 
-def test_running_statistics_are_the_quadrature_time_average():
-    """Forward Euler, N_t = 2: s(1) = ½·stats(z₀) + ½·stats(z₀ + ½ f(z₀)), and the block
-    applies one EMA step running ← 0.9·running + 0.1·s(1)."""
+def _field_with_stats(vf, theta):
+    def f(t, z):
+        dz, state = vf.apply({"params": theta}, t, z, train=True, mutable=["norm_stats"])
+        return dz, state["norm_stats"]
+
+    return f
+
+
+def test_running_statistics_are_kept_per_evaluation_time():
+    """Forward Euler, N_t = 2 evaluates f at t = 0 (z₀) and t = ½ (z₀ + ½ f(z₀)): the block
+    keeps one row of running statistics per time and applies one EMA step to each,
+    running_k ← 0.9·running_k + 0.1·stats_k."""
     vf = ResNetVectorField(4)
     z0 = _normal(2, _Z_SHAPE)
     block = ODEBlock(vf, num_steps=2, solver="euler", adjoint="anode")
     variables = _variables(block, z0)
     out, updates = block.apply(variables, z0, train=True, mutable=["batch_stats"])
 
-    theta = variables["params"]["vector_field"]
-
-    def f(z):
-        dz, state = vf.apply({"params": theta}, 0.0, z, train=True, mutable=["norm_stats"])
-        return dz, state["norm_stats"]
-
-    k0, s0 = f(z0)
+    f = _field_with_stats(vf, variables["params"]["vector_field"])
+    k0, s0 = f(0.0, z0)
     z_half = z0 + 0.5 * k0
-    k1, s1 = f(z_half)
+    k1, s1 = f(0.5, z_half)
     tree_allclose(out, z_half + 0.5 * k1, rtol=1e-5, atol=1e-6)
     running = variables["batch_stats"]["vector_field"]
-    expected = jax.tree.map(lambda r, a, b: 0.9 * r + 0.1 * (0.5 * a + 0.5 * b), running, s0, s1)
+    expected = jax.tree.map(lambda r, a, b: 0.9 * r + 0.1 * jnp.stack([a, b]), running, s0, s1)
     tree_allclose(updates["batch_stats"]["vector_field"], expected, rtol=1e-5, atol=1e-7)
-    # The two evaluations really differ, so the average is not a single evaluation's stats.
+    # The two evaluations really differ, so one average would describe neither.
     assert (
         float(jnp.max(jnp.abs(s0["BatchStatNorm_1"]["var"] - s1["BatchStatNorm_1"]["var"]))) > 1e-3
     )
+
+
+def test_rk4_statistics_per_time_average_the_stages_at_that_time():
+    """RK4, N_t = 1 evaluates f at t = 0, ½ (twice, at different states) and 1: three rows;
+    the row at ½ is the quadrature-weighted mean of its two stages (weights ⅓, ⅓ → ½, ½)."""
+    vf = ResNetVectorField(4)
+    z0 = _normal(4, _Z_SHAPE)
+    block = ODEBlock(vf, num_steps=1, solver="rk4", adjoint="anode", momentum=0.0)
+    variables = _variables(block, z0)
+    _, updates = block.apply(variables, z0, train=True, mutable=["batch_stats"])
+
+    f = _field_with_stats(vf, variables["params"]["vector_field"])
+    k1, s1 = f(0.0, z0)
+    k2, s2 = f(0.5, z0 + 0.5 * k1)
+    k3, s3 = f(0.5, z0 + 0.5 * k2)
+    _, s4 = f(1.0, z0 + k3)
+    expected = jax.tree.map(lambda a, b, c, d: jnp.stack([a, 0.5 * (b + c), d]), s1, s2, s3, s4)
+    tree_allclose(updates["batch_stats"]["vector_field"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_kind", ["ode", "coupled"])
+def test_eval_with_this_batchs_statistics_reproduces_training_mode(block_kind):
+    """Momentum 0 stores exactly this batch's per-time statistics; evaluating the same batch
+    with them must then equal the training-mode output (Euler, N_t = 4: every evaluation has
+    its own time). One time-averaged row for all stages (what a single running average
+    stores) does not: that is the error per-time statistics remove."""
+    vf = ResNetVectorField(4)
+    z0 = _normal(5, _Z_SHAPE)
+    kwargs = dict(num_steps=4, solver="euler", adjoint="anode", momentum=0.0)
+    block = (
+        ODEBlock(vf, **kwargs) if block_kind == "ode" else CoupledODEBlock(vf, q="rda", **kwargs)
+    )
+    variables = _variables(block, z0)
+    out_train, updates = block.apply(variables, z0, train=True, mutable=["batch_stats"])
+    stats = updates["batch_stats"]
+    out_eval = block.apply({**variables, "batch_stats": stats}, z0, train=False)
+    tree_allclose(out_eval, out_train, rtol=1e-4, atol=1e-5)
+
+    rows = jax.tree.map(lambda a: jnp.broadcast_to(a.mean(0), a.shape), stats["vector_field"])
+    pooled = {**stats, "vector_field": rows}
+    out_pooled = block.apply({**variables, "batch_stats": pooled}, z0, train=False)
+    assert float(jnp.max(jnp.abs(out_pooled - out_train))) > 1e-3
+
+
+def test_statistics_follow_the_solve_between_knots():
+    """Rows recorded at t = 0 and ½ (Euler, N_t = 2) serve any other solve: an Euler N_t = 4
+    evaluation normalizes its stages at 0, ¼, ½, ¾ with a, ½(a + b), b, b (linear in time,
+    constant past the last knot), checked against the solve by hand; a training step of the
+    N_t = 4 block first resamples the rows onto its own knots (momentum 1 keeps exactly the
+    resampled rows) and records the new times."""
+    vf = ResNetVectorField(4)
+    z0 = _normal(6, _Z_SHAPE)
+    two = ODEBlock(vf, num_steps=2, solver="euler")
+    variables = _variables(two, z0)
+    np.testing.assert_array_equal(variables["batch_stats"]["stat_times"], [0.0, 0.5])
+    rows = variables["batch_stats"]["vector_field"]
+    theta = variables["params"]["vector_field"]
+    at = {
+        0: jax.tree.map(lambda r: r[0], rows),
+        1: jax.tree.map(lambda r: 0.5 * (r[0] + r[1]), rows),
+        2: jax.tree.map(lambda r: r[1], rows),
+        3: jax.tree.map(lambda r: r[1], rows),
+    }
+    four = ODEBlock(vf, num_steps=4, solver="euler", momentum=1.0)
+    z = z0
+    for n in range(4):
+        z = z + 0.25 * vf.apply({"params": theta, "batch_stats": at[n]}, n / 4, z, train=False)
+    tree_allclose(four.apply(variables, z0), z, rtol=1e-5, atol=1e-6)
+
+    _, updates = four.apply(variables, z0, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(updates["batch_stats"]["stat_times"], [0.0, 0.25, 0.5, 0.75])
+    expected = jax.tree.map(lambda *r: jnp.stack(r), *(at[n] for n in range(4)))
+    tree_allclose(updates["batch_stats"]["vector_field"], expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -459,8 +561,12 @@ def test_batch_stats_update_once_per_training_forward(small_setup):
     stats0 = variables["batch_stats"]
     _, upd1 = model.apply(variables, x, train=True, mutable=["batch_stats"])
     upd1 = upd1["batch_stats"]
-    for before, after in zip(jax.tree.leaves(stats0), jax.tree.leaves(upd1)):
-        assert float(jnp.max(jnp.abs(after - before))) > 1e-4  # every statistic moved
+    for path, before in jax.tree_util.tree_leaves_with_path(stats0):
+        after = _at(upd1, path)
+        if path[-1].key == "stat_times":  # the knots stay where the solve evaluates
+            np.testing.assert_array_equal(after, before)
+        else:
+            assert float(jnp.max(jnp.abs(after - before))) > 1e-4  # every statistic moved
 
     # The backward pass (ANODE recomputes every block) leaves them alone: the updates
     # returned next to the gradient are those of one forward.

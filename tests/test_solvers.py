@@ -7,6 +7,7 @@ import pytest
 
 import anode_jax
 from anode_jax import ButcherTableau, odeint
+from anode_jax.ode import knot_weights, stage_times
 
 # Kutta's third-order method: a user-supplied tableau that no built-in name covers.
 KUTTA3 = ButcherTableau(
@@ -82,3 +83,56 @@ def test_solver_registry_names():
 def test_bad_tableau_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ButcherTableau(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Where a solve evaluates its vector field (stage_times) and the hat basis over those times.
+
+
+@pytest.mark.parametrize(
+    "solver, num_steps, times, weights",
+    [
+        ("euler", 2, [0.0, 0.5], [0.5, 0.5]),
+        ("midpoint", 2, [0.25, 0.75], [0.5, 0.5]),  # the first stage has weight 0: left out
+        ("heun", 2, [0.0, 0.5, 1.0], [0.25, 0.5, 0.25]),
+        ("rk4", 1, [0.0, 0.5, 1.0], [1 / 6, 2 / 3, 1 / 6]),
+        ("reversible_heun", 2, [0.0, 0.5, 1.0], [0.25, 0.5, 0.25]),
+        ("alf", 2, [0.25, 0.75], [0.5, 0.5]),  # init's f(t0) feeds v only: weight 0
+        ("reversible:rk4", 1, [0.0, 0.5, 1.0], [1 / 6, 2 / 3, 1 / 6]),
+    ],
+)
+def test_stage_times_are_the_evaluation_times_with_their_quadrature_weights(
+    solver, num_steps, times, weights
+):
+    """By hand from each method's update: e.g. RK4 evaluates at t, t + h/2 (twice, weights
+    ⅓ + ⅓) and t + h; Heun's end-point stage of step n and the first stage of step n + 1
+    share the time t_{n+1} (¼ + ¼)."""
+    got_times, got_weights = stage_times(solver, num_steps)
+    np.testing.assert_allclose(got_times, times, atol=1e-7)
+    np.testing.assert_allclose(got_weights, weights, atol=1e-6)
+
+
+def test_stage_times_scale_with_the_interval_and_reject_bad_steps():
+    times, weights = stage_times("euler", 4, t0=1.0, t1=3.0)
+    np.testing.assert_allclose(times, [1.0, 1.5, 2.0, 2.5])
+    np.testing.assert_allclose(weights, [0.5] * 4, atol=1e-6)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_steps must be a positive int"):
+            stage_times("euler", bad)
+    with pytest.raises(ValueError, match="Unknown solver"):
+        stage_times("rk5", 2)
+
+
+def test_knot_weights_is_the_hat_basis():
+    knots = np.array([0.0, 0.25, 0.5, 1.0])
+    eye = np.eye(4)
+    for i, k in enumerate(knots):  # one-hot at every knot, exactly
+        np.testing.assert_array_equal(knot_weights(knots, jnp.float32(k)), eye[i])
+    np.testing.assert_allclose(knot_weights(knots, 0.75), [0, 0, 0.5, 0.5])  # linear between
+    np.testing.assert_allclose(knot_weights(knots, 0.3), [0, 0.8, 0.2, 0], atol=1e-6)
+    np.testing.assert_array_equal(knot_weights(knots, -1.0), eye[0])  # constant outside
+    np.testing.assert_array_equal(knot_weights(knots, 2.0), eye[3])
+    np.testing.assert_array_equal(knot_weights(np.array([0.5]), 0.1), [1.0])
+    # Traced knots and time (as the models read them from batch_stats under jit).
+    traced = jax.jit(knot_weights)(jnp.asarray(knots), 0.75)
+    np.testing.assert_allclose(traced, [0, 0, 0.5, 0.5])

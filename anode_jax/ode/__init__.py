@@ -16,6 +16,7 @@ from anode_jax.ode._solvers import (
     ButcherTableau,
     make_step,
 )
+from anode_jax.ode._stages import knot_weights, stage_times
 from anode_jax.ode.adjoints import (
     ADJOINTS,
     AbstractAdjoint,
@@ -51,9 +52,11 @@ __all__ = [
     "SolveSpec",
     "get_adjoint",
     "get_solver",
+    "knot_weights",
     "make_step",
     "odeint",
     "reversible_solver_names",
     "solver_names",
+    "stage_times",
     "uses_plain_convolutions",
 ]
