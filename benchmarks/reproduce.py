@@ -773,9 +773,10 @@ def bn_check(
     """
     import jax
     import jax.numpy as jnp
+    import ml_collections
 
     from anode_jax.data.augment import normalize
-    from anode_jax.training.loop import _setup  # restores the checkpoint as a resume does
+    from anode_jax.training import restore
 
     out = {}
     for name, entry in load_runs(scale, results_dir).items():
@@ -785,14 +786,8 @@ def bn_check(
             continue
         if not os.path.isdir(os.path.join(workdir, "checkpoints")):
             continue
-        import ml_collections
-
-        config = ml_collections.ConfigDict(entry["summary"]["config"])
-        setup = _setup(config, workdir)
-        setup.checkpointer.close()
-        if hasattr(setup, "release"):  # newer trainers hold a workdir lock during _setup
-            setup.release()
-        ds, model, state = setup.dataset, setup.model, setup.state
+        restored = restore(ml_collections.ConfigDict(entry["summary"]["config"]), workdir)
+        ds, model, state = restored.dataset, restored.model, restored.state
         batch = min(batch, len(ds.test_labels))
         variables = {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -816,7 +811,7 @@ def bn_check(
                 count += batch
             result[f"test_accuracy_{mode}"] = hits / count
         result["batch"] = batch
-        result["step"] = int(setup.restored_meta["step"])
+        result["step"] = restored.step
         with open(dest, "w") as f:
             json.dump(result, f, indent=1)
         out[name] = result

@@ -15,11 +15,13 @@ import jax
 import numpy as np
 import pytest
 
+from anode_jax.data.augment import normalize
 from anode_jax.training import (
     ConfigError,
     TrainingError,
     evaluate,
     make_lr_schedule,
+    restore,
     train_and_evaluate,
     validate_config,
 )
@@ -266,6 +268,19 @@ def test_digits_end_to_end_and_eval_only(tmp_path):
     np.testing.assert_allclose(out["loss"], test[-1]["loss"], rtol=1e-5)
     with pytest.raises(TrainingError, match="no checkpoints in"):
         evaluate(c, str(tmp_path / "elsewhere"))
+    # restore(): the same checkpoint for analysis; its model reproduces the eval accuracy.
+    restored = restore(c, str(tmp_path))
+    assert restored.step == 16
+    ds = restored.dataset
+    x = normalize(ds.test_images, pixel_scale=ds.pixel_scale, mean=ds.mean, std=ds.std)
+    variables = {"params": restored.state.params, "batch_stats": restored.state.batch_stats}
+    logits = restored.model.apply(variables, x, train=False)
+    accuracy = float(np.mean(np.argmax(logits, -1) == ds.test_labels))
+    # Same predictions: one image changes the accuracy by 1/360; 1e-6 allows only the
+    # float32 accumulation of the trainer's mean.
+    np.testing.assert_allclose(accuracy, out["accuracy"], rtol=0, atol=1e-6)
+    with pytest.raises(TrainingError, match="restore: no checkpoints in"):
+        restore(c, str(tmp_path / "elsewhere"))
 
 
 @pytest.mark.slow

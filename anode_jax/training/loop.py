@@ -482,16 +482,58 @@ def _train(setup: _Setup) -> dict[str, Any]:
     return summary
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluate the latest checkpoint in ``workdir`` on the test split (``--eval_only``)."""
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A workdir's latest checkpoint with the model and data it was trained on.
+
+    ``model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+    train=False)`` evaluates it; ``dataset`` is the run's dataset (test split included,
+    normalization constants in ``mean``/``std``/``pixel_scale``); ``step`` the checkpoint's.
+    """
+
+    config: ml_collections.ConfigDict
+    model: Any
+    state: TrainState
+    dataset: Dataset
+    step: int
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str) -> Restored:
+    """The latest checkpoint in ``workdir``, restored exactly as a resume would (same config
+    checks, same errors), for analysis: nothing is trained or written, and the workdir lock
+    is released before returning. Raises :class:`TrainingError` when there is no checkpoint.
+    """
+    setup = _setup_existing(config, workdir, "restore")
+    try:
+        setup.checkpointer.close()
+        return Restored(
+            config, setup.model, setup.state, setup.dataset, int(setup.restored_meta["step"])
+        )
+    finally:
+        setup.release()
+
+
+def _setup_existing(config, workdir: str, what: str) -> _Setup:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         validate_config(config)
         raise TrainingError(
-            f"--eval_only: no checkpoints in {os.path.abspath(ckpt_dir)}; "
+            f"{what}: no checkpoints in {os.path.abspath(ckpt_dir)}; "
             "train first (same command without --eval_only)"
         )
     setup = _setup(config, workdir)
+    if setup.restored_meta is None:
+        setup.release()
+        raise TrainingError(
+            f"{what}: no checkpoint in {setup.checkpointer.directory}; "
+            "train first (same command without --eval_only)"
+        )
+    return setup
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluate the latest checkpoint in ``workdir`` on the test split (``--eval_only``)."""
+    setup = _setup_existing(config, workdir, "--eval_only")
     try:
         return _evaluate_restored(setup)
     finally:
@@ -500,11 +542,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _evaluate_restored(setup: _Setup) -> dict[str, Any]:
     workdir = setup.workdir
-    if setup.restored_meta is None:
-        raise TrainingError(
-            f"--eval_only: no checkpoint in {setup.checkpointer.directory}; "
-            "train first (same command without --eval_only)"
-        )
     _, eval_step = _compile_steps(setup)
     ev = _evaluate(setup, eval_step, setup.state)
     setup.checkpointer.close()
