@@ -1188,10 +1188,13 @@ def training_section(scale: str, results_dir: str = RESULTS) -> tuple[str, dict[
             m, _ = _stats(g)
             ok = abs(m) <= 0.015
             verdicts[(model, "anode-baseline")] = ok
-            lines.append(
-                f"* ANODE − baseline (paired by seed): {_pm(g)} points → "
-                f"{'within' if ok else 'NOT within'} 1.5 points (target)."
-            )
+            if ok:
+                verdict = "within 1.5 points (target)"
+            elif m > 0:
+                verdict = "NOT within 1.5 points (target): ANODE is ahead of the baseline"
+            else:
+                verdict = "NOT within 1.5 points (target): ANODE is behind the baseline"
+            lines.append(f"* ANODE − baseline (paired by seed): {_pm(g)} points → {verdict}.")
         g = gap("anode", "baseline", bn_acc)
         if g:
             lines.append(f"* ANODE − baseline, both evaluated with batch-stat BN: {_pm(g)} points.")
