@@ -287,6 +287,22 @@ def test_restore_skips_a_damaged_newest_checkpoint_and_keeps_it_aside(tmp_path, 
     np.testing.assert_array_equal(again.params["w"], np.arange(6.0).reshape(2, 3) * 9.0)
 
 
+def test_checkpoints_of_another_variable_tree_are_refused_with_the_reason(tmp_path):
+    """Every checkpoint holds another model's tree (e.g. written before ODE blocks kept
+    per-time BatchNorm statistics): nothing is moved and the message names the cause."""
+    d = tmp_path / "checkpoints"
+    ck = Checkpointer(str(d), async_save=False)
+    ck.save(_state(1, extra=True), {"step": 1, "config": {"seed": 0}})
+    ck.close()
+    before = tree_snapshot(tmp_path)
+    with pytest.raises(CheckpointReadError) as e:
+        Checkpointer(str(d), async_save=False).restore_latest(_state(0))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"no readable checkpoint in {d} (step 1: state: ")
+    assert "different variable tree than this model" in msg and "per-time BatchNorm" in msg
+    assert tree_snapshot(tmp_path) == before
+
+
 def test_no_readable_checkpoint_changes_nothing_and_says_what_to_do(tmp_path):
     d = tmp_path / "checkpoints"
     ck = _saved(d)

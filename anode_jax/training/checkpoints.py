@@ -160,13 +160,13 @@ class Checkpointer:
         hint = ""
         if any("do not match" in r for _, r in skipped):
             hint = (
-                " The checkpoints hold a different variable tree than this model: they were "
+                ". The checkpoints hold a different variable tree than this model: they were "
                 "written with another model config, or by an anode-jax older than the per-time "
                 "BatchNorm statistics of ODE blocks (docs/models.md)."
             )
         raise CheckpointReadError(
             f"no readable checkpoint in {self.directory} ({listed}); to start over move that "
-            f"folder aside (nothing was changed in it) or use a new --workdir.{hint}"
+            f"folder aside (nothing was changed in it) or use a new --workdir{hint}"
         )
 
     def _restore_meta(self, step: int) -> dict[str, Any]:
