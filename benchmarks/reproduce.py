@@ -863,6 +863,8 @@ def time_paper(
         summary = train_and_evaluate(c, workdir)
         ips = summary["train_images_per_sec_median"]
         results[model] = {
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average": round(os.getloadavg()[0], 2),
             "method": method,
             "solver": c.model.solver,
             "batch_size": c.batch_size,
