@@ -33,7 +33,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common
 import bench_core
 
-from anode_jax import odeint
 from anode_jax.ode import RK4, Reversible
 
 
@@ -61,21 +60,7 @@ def make_field(conv_fn):
 
 
 def make_loss(field, num_steps, adjoint, solver, unroll=None):
-    def loss(z0, params):
-        z = z0
-        for theta in params:
-            z = odeint(
-                field,
-                z,
-                theta,
-                num_steps=num_steps,
-                solver=solver,
-                adjoint=adjoint,
-                unroll=unroll,
-            )
-        return jnp.mean(z**2)
-
-    return loss
+    return bench_core.make_loss(num_steps, adjoint, solver, unroll, field=field)
 
 
 def drift_rows(field, steps, couplings, num_blocks=8, max_grad_steps=64):

@@ -18,7 +18,7 @@ from anode_jax.ode import (
 )
 from tests._ode_problems import conv_relu_field, conv_relu_problem, smooth_field, smooth_problem
 from tests.conftest import tree_allclose
-from tests.test_solvers import _exact_problem
+from tests.test_solvers import fitted_order
 
 REVERSIBLE = [
     "reversible:euler",
@@ -134,18 +134,7 @@ ORDERS = [
 def test_convergence_order(x64, solver, order):
     """y_i' = a_i cos(t) y_i on [0, 2], Nt in {16, 32, 64, 128}: fitted order within 0.25 of the
     method's order (float64)."""
-    field, y0, a, exact = _exact_problem()
-    t1 = 2.0
-    steps = np.array([16, 32, 64, 128])
-    errors = [
-        float(
-            jnp.max(
-                jnp.abs(odeint(field, y0, a, t1=t1, num_steps=int(n), solver=solver) - exact(t1))
-            )
-        )
-        for n in steps
-    ]
-    slope = np.polyfit(np.log(t1 / steps), np.log(errors), 1)[0]
+    slope, errors = fitted_order(solver)
     assert abs(slope - order) < 0.25, (slope, errors)
 
 

@@ -30,11 +30,10 @@ def _exact_problem():
     return field, y0, a, exact
 
 
-@pytest.mark.parametrize("solver,order", SOLVER_ORDERS, ids=lambda s: getattr(s, "name", str(s)))
-def test_convergence_order(x64, solver, order):
+def fitted_order(solver, steps=(16, 32, 64, 128), t1=2.0):
+    """(slope of log error vs log h, errors) of `solver` on `_exact_problem` over [0, t1]."""
     field, y0, a, exact = _exact_problem()
-    t1 = 2.0
-    steps = np.array([16, 32, 64, 128])
+    steps = np.asarray(steps)
     errors = [
         float(
             jnp.max(
@@ -43,7 +42,12 @@ def test_convergence_order(x64, solver, order):
         )
         for n in steps
     ]
-    slope = np.polyfit(np.log(t1 / steps), np.log(errors), 1)[0]
+    return np.polyfit(np.log(t1 / steps), np.log(errors), 1)[0], errors
+
+
+@pytest.mark.parametrize("solver,order", SOLVER_ORDERS, ids=lambda s: getattr(s, "name", str(s)))
+def test_convergence_order(x64, solver, order):
+    slope, errors = fitted_order(solver)
     # Observed order within 0.2 of the theoretical one (asymptotic regime, float64).
     assert abs(slope - order) < 0.2, (slope, errors)
 

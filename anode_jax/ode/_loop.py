@@ -53,20 +53,6 @@ def integrate(
     return y
 
 
-def step_inputs(
-    step: StepFn, y0: PyTree, args: PyTree, *, t0: float, dt: float, first: int, last: int
-) -> PyTree:
-    """The inputs y_first..y_{last-1} of steps first..last-1, stacked on a new leading axis."""
-    tdtype = time_dtype()
-
-    def body(y, i):
-        t = jnp.asarray(t0, tdtype) + i.astype(tdtype) * jnp.asarray(dt, tdtype)
-        return step(t, y, args), y
-
-    _, inputs = lax.scan(body, y0, jnp.arange(first, last, dtype=jnp.int32))
-    return inputs
-
-
 def tree_barrier(*trees):
     """`lax.optimization_barrier` over pytrees.
 
