@@ -8,7 +8,9 @@ inputs, 10 classes, BatchNorm in training mode. Rows per network: the residual b
 ODE blocks with Nt = 2 and Euler or RK4, gradients "direct" or "anode"; ANODEv2
 (coupled, q = "rda", Euler, "anode").
 
-One training step = forward + backward + SGD-momentum update + batch_stats update, jitted.
+One training step = the trainer's own step (`anode_jax.training.make_train_step`: forward +
+backward + SGD-momentum update + batch_stats update, plus its loss/accuracy/grad-norm
+metrics), on already-normalized float inputs (identity preprocessing), jitted.
 Throughput = batch / median step time over `--repeats` runs after one warm-up run.
 Memory = `jax.jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes`, taken
 at `--memory-batch` / `--memory-width` (default: the full 128 / 1.0 even with --quick:
@@ -40,6 +42,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common
 
 from anode_jax.models import count_params, create_model
+from anode_jax.training import TrainState, make_train_step
 
 # (label, create_model kwargs)
 CONFIGS = (
@@ -53,24 +56,6 @@ CONFIGS = (
 MODELS = ("resnet", "sqnxt")
 IMAGE = (32, 32, 3)
 NUM_CLASSES = 10
-
-
-def make_train_step(model, tx):
-    """(params, batch_stats, opt_state, x, y) -> updated (params, batch_stats, opt_state), loss."""
-
-    def step(params, batch_stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, updates = model.apply(
-                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, updates["batch_stats"]
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    return step
 
 
 def abstract_variables(model, batch):
@@ -102,6 +87,7 @@ def concrete_variables(shapes, seed=0):
 
 
 def step_arguments(model, tx, batch, concrete):
+    """`(state, images, labels)` of the train step (abstract shapes unless `concrete`)."""
     shapes = abstract_variables(model, batch)
     variables = concrete_variables(shapes) if concrete else shapes
     params, stats = variables["params"], variables["batch_stats"]
@@ -110,10 +96,14 @@ def step_arguments(model, tx, batch, concrete):
         rng = np.random.default_rng(1)
         x = jnp.asarray(rng.normal(size=(batch,) + IMAGE), jnp.float32)
         y = jnp.asarray(rng.integers(0, NUM_CLASSES, size=batch), jnp.int32)
+        step, key = jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(0))
     else:
         x = jax.ShapeDtypeStruct((batch,) + IMAGE, jnp.float32)
         y = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return (params, stats, opt_state, x, y), count_params(params)
+        step = jax.ShapeDtypeStruct((), jnp.int32)
+        key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    state = TrainState(step=step, params=params, batch_stats=stats, opt_state=opt_state, rng=key)
+    return (state, x, y), count_params(params)
 
 
 def measure(name, kwargs, args, tx):

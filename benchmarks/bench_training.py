@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import io
 import json
 import os
@@ -32,15 +31,18 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from anode_jax.data import Dataset, TrainOrder, load_dataset  # noqa: E402
-from anode_jax.data.cifar import CIFAR_MEAN, CIFAR_STD  # noqa: E402
-from anode_jax.training import sharding as shd  # noqa: E402
-from anode_jax.training.loop import compile_steps, init_state  # noqa: E402
-from anode_jax.training.train_state import (  # noqa: E402
+from anode_jax.data import CIFAR_MEAN, CIFAR_STD, Dataset, TrainOrder, load_dataset  # noqa: E402
+from anode_jax.training import (  # noqa: E402
+    batch_sharded,
     build_model,
+    compile_steps,
+    get_config,
+    init_state,
     make_lr_schedule,
+    make_mesh,
     make_optimizer,
     param_count,
+    put_batch,
 )
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
@@ -52,11 +54,9 @@ DEFAULT_CONFIGS = (
 
 
 def load_config(spec: str):
+    """`configs/NAME.py[:ARG]` -> the package's config of that name (no file is executed)."""
     path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("bench_cfg", os.path.join(REPO, path))
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
+    return get_config(os.path.splitext(os.path.basename(path))[0], arg or None)
 
 
 def dataset_for(config, n_needed: int) -> tuple[Dataset, str]:
@@ -102,18 +102,18 @@ def bench(spec: str, steps: int, batch_size: int | None, width: float | None) ->
     t = time.perf_counter()
     ds, source = dataset_for(config, bs * (steps + 2))
     t_data = time.perf_counter() - t
-    mesh = shd.make_mesh(config.num_devices)
+    mesh = make_mesh(config.num_devices)
     order = TrainOrder(ds.num_train, bs, config.seed)
     model = build_model(config, ds.num_classes)
     sched = make_lr_schedule(config, order.steps_per_epoch)
     tx = make_optimizer(config, sched)
     state, t_init = timed(lambda: init_state(model, tx, config.seed, ds.image_shape, mesh))
     train_step, eval_step = compile_steps(model, tx, ds, config.data, mesh, sched)
-    bsh = shd.batch_sharded(mesh)
+    bsh = batch_sharded(mesh)
 
     def batch(i):
         idx = order.indices(i % order.steps_per_epoch)
-        return shd.put_batch((ds.train_images[idx], ds.train_labels[idx]), bsh)
+        return put_batch((ds.train_images[idx], ds.train_labels[idx]), bsh)
 
     prep = []
     for i in range(steps + 1):
@@ -135,7 +135,7 @@ def bench(spec: str, steps: int, batch_size: int | None, width: float | None) ->
     if ex.shape[0] < ebs:
         ebs = ex.shape[0] - ex.shape[0] % len(mesh.devices.flat)
         ex, ey = ex[:ebs], ey[:ebs]
-    args = shd.put_batch((ex, ey, np.ones(ebs, np.float32)), bsh)
+    args = put_batch((ex, ey, np.ones(ebs, np.float32)), bsh)
     t = time.perf_counter()
     ecomp = eval_step.lower(state, *args).compile()
     t_ecompile = time.perf_counter() - t

@@ -25,17 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from anode_jax.training import evaluate, train_and_evaluate
-from anode_jax.training.checkpoints import (
+from anode_jax.training import (
     DAMAGED_DIRNAME,
     Checkpointer,
     CheckpointReadError,
     CheckpointWriteError,
+    MetricsLog,
+    TrainingError,
+    TrainState,
+    WorkdirBusyError,
+    WorkdirLock,
+    evaluate,
+    train_and_evaluate,
 )
-from anode_jax.training.errors import TrainingError
-from anode_jax.training.metrics import MetricsLog
-from anode_jax.training.train_state import TrainState
-from anode_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock
 from tests._training_helpers import (
     DETERMINISTIC,
     PY,
@@ -169,7 +171,7 @@ def test_workdir_lock_is_exclusive_and_dies_with_its_process(tmp_path):
             PY,
             "-c",
             "import sys, time\n"
-            "from anode_jax.training.workdir_lock import WorkdirLock\n"
+            "from anode_jax.training import WorkdirLock\n"
             "WorkdirLock(sys.argv[1]).acquire()\n"
             "print('locked', flush=True)\n"
             "time.sleep(600)\n",

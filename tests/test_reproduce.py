@@ -107,7 +107,6 @@ def test_training_part_tiny(tmp_path):
         seeds=(0,),
         runs_dir=runs,
         results_dir=results,
-        report=False,
         check_bn=False,
         log=lambda msg: None,
         epochs=1,

@@ -8,12 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from anode_jax.training import get_config, train_and_evaluate
-from anode_jax.training.tensorboard import (
+from anode_jax.training import (
     SCALARS,
     TensorBoardWriter,
     event_files,
+    get_config,
     read_scalars,
+    train_and_evaluate,
     truncate_events_after,
 )
 

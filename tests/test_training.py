@@ -15,17 +15,18 @@ import jax
 import numpy as np
 import pytest
 
-from anode_jax.data.augment import normalize
+from anode_jax.data import normalize
 from anode_jax.training import (
     ConfigError,
+    MetricsLog,
     TrainingError,
     evaluate,
     make_lr_schedule,
+    make_optimizer,
     restore,
     train_and_evaluate,
     validate_config,
 )
-from anode_jax.training.metrics import MetricsLog
 from tests._training_helpers import (
     DETERMINISTIC,
     PY,
@@ -378,12 +379,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert ck and ck[-1] == bad_step - 1  # everything before the bad step, nothing after
     assert f"latest checkpoint: step {bad_step - 1}" in str(e.value)
     # The kept checkpoint restores, its parameters are finite and all logged losses are.
-    from anode_jax.training.loop import _setup
-
-    setup = _setup(c, str(tmp_path))
-    assert setup.restored_meta["step"] == bad_step - 1
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(setup.state.params))
-    setup.checkpointer.close()
+    kept = restore(c, str(tmp_path))
+    assert kept.step == bad_step - 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept.state.params))
     assert all(np.isfinite(r["loss"]) for r in _records(tmp_path))
 
 
@@ -396,30 +394,28 @@ SHARDED_SCRIPT = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("cfg", "configs/default.py")
     m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
     from anode_jax.data import load_dataset
-    from anode_jax.training import sharding as shd
-    from anode_jax.training.loop import compile_steps, init_state
-    from anode_jax.training.train_state import build_model, make_lr_schedule, make_optimizer
+    import anode_jax.training as tr
     c = m.get_config(); c.model.width = 0.5
     ds = load_dataset("digits", train_size=256, test_size=64)
-    model = build_model(c, ds.num_classes)
-    sched = make_lr_schedule(c, 8)
-    tx = make_optimizer(c, sched)
-    state0 = jax.device_get(init_state(model, tx, 0, ds.image_shape, shd.make_mesh(1)))
+    model = tr.build_model(c, ds.num_classes)
+    sched = tr.make_lr_schedule(c, 8)
+    tx = tr.make_optimizer(c, sched)
+    state0 = jax.device_get(tr.init_state(model, tx, 0, ds.image_shape, tr.make_mesh(1)))
     idx = np.random.default_rng(0).permutation(256)
     batches = [(ds.train_images[idx[i*32:(i+1)*32]], ds.train_labels[idx[i*32:(i+1)*32]])
                for i in range(3)]
     results = {}
     for n in (1, 8):
-        mesh = shd.make_mesh(n)
-        train_step, eval_step = compile_steps(model, tx, ds, c.data, mesh, sched)
-        state = jax.device_put(state0, shd.replicated(mesh))
+        mesh = tr.make_mesh(n)
+        train_step, eval_step = tr.compile_steps(model, tx, ds, c.data, mesh, sched)
+        state = jax.device_put(state0, tr.replicated(mesh))
         losses = []
         for x, y in batches:
-            state, mt = train_step(state, *shd.put_batch((x, y), shd.batch_sharded(mesh)))
+            state, mt = train_step(state, *tr.put_batch((x, y), tr.batch_sharded(mesh)))
             losses.append(float(mt["loss"]))
         mask = np.ones(64, np.float32)
-        ev = eval_step(state, *shd.put_batch((ds.test_images, ds.test_labels, mask),
-                                             shd.batch_sharded(mesh)))
+        ev = eval_step(state, *tr.put_batch((ds.test_images, ds.test_labels, mask),
+                                             tr.batch_sharded(mesh)))
         if n == 8:
             leaf = jax.tree.leaves(state.params)[0]
             assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
@@ -449,8 +445,6 @@ def test_eight_device_step_equals_single_device():
 def test_sgd_matches_pytorch_update_and_keeps_momentum():
     """SGD with weight decay is PyTorch's: buf = m*buf + (g + wd*p); p -= lr*buf, and the
     one optimizer keeps its momentum buffer across epochs (no re-creation)."""
-    from anode_jax.training.train_state import make_optimizer
-
     c = load_config("cifar10", "resnet-anode")
     sched = make_lr_schedule(c, steps_per_epoch=2)
     tx = make_optimizer(c, sched)

@@ -12,19 +12,20 @@ from typing import Any
 
 import ml_collections
 
-from anode_jax.training.defaults import METHOD_BLOCKS, METHODS, base_config
+from anode_jax.data import DATASET_NAMES as DATASETS
+from anode_jax.models import MODEL_NAMES, NORM_NAMES, Q_NAMES
+from anode_jax.ode import ADJOINTS, SOLVERS, get_solver
+from anode_jax.ode import solver_names as _core_solver_names
+from anode_jax.training.configs import METHODS, base_config
 from anode_jax.training.errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine", "constant")
-NORMS = ("batch", "group")
+NORMS = NORM_NAMES
 
-# Fallbacks used only when the model / core packages cannot be imported.
-_FALLBACK_MODELS = ("small", "resnet", "resnet4", "resnet10", "alexnet", "sqnxt")
-_FALLBACK_Q = ("none", "rda", "conv")
-_FALLBACK_SOLVERS = ("euler", "midpoint", "heun", "rk4")
-_ADJOINT_RE = re.compile(r"^(direct|anode|backsolve|reversible|checkpointed(:[1-9][0-9]*)?)$")
+_ADJOINT_RE = re.compile(
+    "^(" + "|".join(a for a in ADJOINTS if a != "checkpointed") + r"|checkpointed(:[1-9][0-9]*)?)$"
+)
 ADJOINT_CHOICES = (
     "direct, anode, backsolve, checkpointed:K (K >= 1), reversible (with a reversible solver: "
     "reversible:<base>, reversible_heun or alf)"
@@ -32,49 +33,24 @@ ADJOINT_CHOICES = (
 
 
 def model_names() -> tuple[str, ...]:
-    try:
-        from anode_jax.models import MODEL_NAMES
-
-        return tuple(MODEL_NAMES)
-    except ImportError:
-        return _FALLBACK_MODELS
+    return tuple(MODEL_NAMES)
 
 
 def q_names() -> tuple[str, ...]:
-    try:
-        from anode_jax.models import Q_NAMES
-
-        return tuple(Q_NAMES)
-    except ImportError:
-        return _FALLBACK_Q
+    return tuple(Q_NAMES)
 
 
 def norm_names() -> tuple[str, ...]:
-    try:
-        from anode_jax.models import NORM_NAMES
-
-        return tuple(NORM_NAMES)
-    except ImportError:
-        return NORMS
+    return tuple(NORM_NAMES)
 
 
 def solver_names() -> tuple[str, ...]:
-    try:
-        from anode_jax.ode import SOLVERS
-        from anode_jax.ode import solver_names as core_solver_names
-
-        return tuple(SOLVERS) + tuple(n for n in core_solver_names() if n not in SOLVERS)
-    except ImportError:
-        return _FALLBACK_SOLVERS
+    """The core's solver names, the Runge-Kutta tableaux first (in `anode_jax.ode.SOLVERS` order)."""
+    return tuple(SOLVERS) + tuple(n for n in _core_solver_names() if n not in SOLVERS)
 
 
 def _is_reversible_solver(name: str) -> bool:
-    try:
-        from anode_jax.ode import get_solver
-
-        return bool(get_solver(name).reversible)
-    except ImportError:
-        return name.startswith("reversible") or name == "alf"
+    return bool(get_solver(name).reversible)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -86,6 +62,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def flat_config(config) -> dict[str, Any]:
+    """`{"model.name": "resnet", ...}`, tuples as lists (the JSON form checkpoints store)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in _flatten(config).items()}
 
 
 def _choice(key: str, value: Any, choices) -> None:
@@ -138,7 +119,7 @@ def validate_config(
     if missing:
         raise ConfigError(
             f"config is missing key(s) {', '.join('config.' + k for k in missing)}; start config "
-            "files from anode_jax.training.defaults.base_config()"
+            "files from anode_jax.training.configs.base_config()"
         )
     for key in (
         "data.augment",
@@ -261,16 +242,5 @@ def validate_config(
             )
 
 
-def model_kwargs(config) -> dict[str, Any]:
-    """The create_model keyword arguments a (validated) config maps to."""
-    block, _ = METHOD_BLOCKS[config.model.method]
-    return dict(
-        num_classes=None,  # filled in from the dataset
-        block=block,
-        num_steps=config.model.num_steps,
-        solver=config.model.solver,
-        adjoint=config.model.adjoint,
-        q=config.model.q,
-        norm=config.model.norm,
-        width=config.model.width,
-    )
+# `model_kwargs` moved to `anode_jax.training.train_state`, beside the model it builds.
+from anode_jax.training.train_state import model_kwargs  # noqa: E402,F401

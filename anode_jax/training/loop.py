@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -31,15 +30,21 @@ import numpy as np
 from anode_jax.data import Dataset, TrainOrder, eval_batches, load_dataset, pad_batch
 from anode_jax.training import sharding as shd
 from anode_jax.training.checkpoints import Checkpointer
-from anode_jax.training.config_validation import validate_config
+from anode_jax.training.config_validation import flat_config, validate_config
 from anode_jax.training.errors import ConfigError, TrainingError
-from anode_jax.training.metrics import MetricsLog, summarize
-from anode_jax.training.steps import make_eval_step, make_train_step
-from anode_jax.training.tensorboard import TensorBoardWriter, truncate_events_after
+from anode_jax.training.metrics import (
+    MetricsLog,
+    NonFiniteLoss,
+    RecordWriter,
+    summarize,
+    train_record,
+)
+from anode_jax.training.steps import compile_steps
+from anode_jax.training.tensorboard import truncate_events_after
 from anode_jax.training.train_state import (
     TrainState,
     build_model,
-    create_train_state,
+    init_state,
     make_lr_schedule,
     make_optimizer,
     param_count,
@@ -93,20 +98,6 @@ def _log(setup_or_flag, msg: str) -> None:
     is_main = setup_or_flag if isinstance(setup_or_flag, bool) else setup_or_flag.is_main
     if is_main:
         print(msg, flush=True)
-
-
-def _flat(config) -> dict[str, Any]:
-    out = {}
-
-    def rec(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                rec(v, prefix + k + ".")
-            else:
-                out[prefix + k] = list(v) if isinstance(v, tuple) else v
-
-    rec(config.to_dict() if hasattr(config, "to_dict") else config, "")
-    return out
 
 
 def _setup(config, workdir: str) -> _Setup:
@@ -170,30 +161,11 @@ def _setup_locked(config, workdir: str, is_main: bool, lock: WorkdirLock) -> _Se
     )
 
 
-def init_state(model, tx, seed: int, image_shape, mesh) -> TrainState:
-    """``create_train_state`` jit-compiled with a replicated output on ``mesh``.
-
-    Initialization runs once: on CPU it is compiled without LLVM optimizations (~10x
-    faster to compile, e.g. 0.4 s instead of 4.4 s for `small`; the values are the same
-    deterministic function of the seed on every run).
-    """
-
-    def init_train_state():
-        return create_train_state(model, tx, seed, image_shape)
-
-    opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    return (
-        jax.jit(init_train_state, out_shardings=shd.replicated(mesh))
-        .lower()
-        .compile(compiler_options=opts)()
-    )
-
-
 def _check_resume_config(meta, config, ckpt) -> None:
     old = meta.get("config")
     if not old:
         return
-    new = _flat(config)
+    new = flat_config(config)
     diffs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in _RESUME_MUST_MATCH
@@ -238,38 +210,6 @@ def _evaluate(setup: _Setup, eval_step, state) -> dict[str, float]:
     }
 
 
-def compile_steps(model, tx, dataset: Dataset, data_config, mesh, schedule=None):
-    """Jit the pure train/eval steps with explicit shardings on ``mesh``.
-
-    Train step: ``(state, images, labels) -> (state, metrics)``, state replicated and
-    donated, batch sharded along the mesh's data axis. Eval step:
-    ``(state, images, labels, mask) -> sums``.
-    """
-    repl, bsh = shd.replicated(mesh), shd.batch_sharded(mesh)
-    train_step = jax.jit(
-        make_train_step(
-            model,
-            tx,
-            pixel_scale=dataset.pixel_scale,
-            mean=dataset.mean,
-            std=dataset.std,
-            augment=data_config.augment,
-            crop_padding=data_config.crop_padding,
-            flip=data_config.flip,
-            schedule=schedule,
-        ),
-        in_shardings=(repl, bsh, bsh),
-        out_shardings=(repl, repl),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(
-        make_eval_step(model, pixel_scale=dataset.pixel_scale, mean=dataset.mean, std=dataset.std),
-        in_shardings=(repl, bsh, bsh, bsh),
-        out_shardings=repl,
-    )
-    return train_step, eval_step
-
-
 def _compile_steps(setup: _Setup):
     return compile_steps(
         setup.model, setup.tx, setup.dataset, setup.config.data, setup.mesh, setup.schedule
@@ -293,26 +233,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(setup: _Setup) -> dict[str, Any]:
-    with warnings.catch_warnings():  # in Jupyter without ipywidgets: a warning, then text bars
-        warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
-
-    workdir = setup.workdir
-    cfg, ds, order = setup.config, setup.dataset, setup.order
-    spe, total = setup.steps_per_epoch, setup.total_steps
-    ckpt = setup.checkpointer
+    workdir, cfg, ds, order = setup.workdir, setup.config, setup.dataset, setup.order
+    spe, total, ckpt = setup.steps_per_epoch, setup.total_steps, setup.checkpointer
     state = setup.state
     start_step = int(_to_host(state.step))
-    meta = setup.restored_meta or {}
-    wall_offset = float(meta.get("wall_time_s", 0.0))
+    wall_offset = float((setup.restored_meta or {}).get("wall_time_s", 0.0))
     n_params = param_count(state.params)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    if setup.is_main:
-        dropped = log.truncate_after(start_step)
-        truncate_events_after(workdir, start_step)  # TensorBoard: same steps as metrics.jsonl
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2, default=list)
-    _log(setup, f"{ds.describe()}")
+    dropped = _prepare_outputs(setup, start_step)
+    _log(setup, ds.describe())
     _log(
         setup,
         f"model {cfg.model.name} ({cfg.model.method}, solver {cfg.model.solver}, "
@@ -336,149 +264,131 @@ def _train(setup: _Setup) -> dict[str, Any]:
 
     def save(step: int) -> None:
         epoch, batch = order.position(step)
-        ckpt.save(
-            state,
-            {
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch,
-                "steps_per_epoch": spe,
-                "wall_time_s": wall(),
-                "config": _flat(cfg),
-            },
-        )
+        meta = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "steps_per_epoch": spe}
+        ckpt.save(state, {**meta, "wall_time_s": wall(), "config": flat_config(cfg)})
 
-    tb = TensorBoardWriter(workdir) if setup.is_main and cfg.tensorboard else None
-    window: list[dict[str, jax.Array]] = []
-    win_t0, win_step0 = time.perf_counter(), start_step
-    pbar = tqdm(
-        total=total,
-        initial=start_step,
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=1.0,
-        disable=not (cfg.progress_bar and setup.is_main),
+    writer = RecordWriter(
+        workdir,
+        is_main=setup.is_main,
+        tensorboard=cfg.tensorboard,
+        progress_bar=cfg.progress_bar,
+        total_steps=total,
+        start_step=start_step,
+        num_epochs=cfg.num_epochs,
         desc=f"{cfg.model.name}-{cfg.model.method}",
     )
+    window: list[dict[str, jax.Array]] = []
+    win_t0, win_step0, last_lr = time.perf_counter(), start_step, None
     try:
         for step in range(start_step, total):
             idx = order.indices(step)
             images, labels = shd.put_batch((ds.train_images[idx], ds.train_labels[idx]), bsh)
             state, m = train_step(state, images, labels)
             window.append(m)
-            done = step + 1
-            epoch = step // spe + 1
+            done, epoch = step + 1, step // spe + 1
             epoch_end = done % spe == 0
             ckpt_due = done % cfg.checkpoint_every_steps == 0 or done == total
             if done % cfg.log_every_steps == 0 or epoch_end or ckpt_due:
-                vals = _to_host(window)
-                losses = np.asarray([v["loss"] for v in vals], np.float64)
-                bad = np.flatnonzero(~np.isfinite(losses))
-                if bad.size:
-                    bad_step = win_step0 + int(bad[0]) + 1
-                    ckpt.wait()
-                    last = ckpt.latest_step()
-                    raise TrainingError(
-                        f"loss became {losses[bad[0]]} at step {bad_step} (epoch {epoch}); "
-                        f"training stopped and nothing after the last good checkpoint was saved "
-                        f"(latest checkpoint: "
-                        f"{'step ' + str(last) if last is not None else 'none'} in "
-                        f"{ckpt.directory}); lower optim.learning_rate or set "
-                        "optim.grad_clip_norm"
+                try:
+                    rec = train_record(
+                        _to_host(window),
+                        first_step=win_step0,
+                        epoch=epoch,
+                        batch_size=cfg.batch_size,
+                        seconds=time.perf_counter() - win_t0,
+                        wall_time_s=wall(),
                     )
-                dt = time.perf_counter() - win_t0
-                rec = {
-                    "step": done,
-                    "epoch": epoch,
-                    "split": "train",
-                    "loss": float(losses.mean()),
-                    "accuracy": float(np.mean([v["accuracy"] for v in vals])),
-                    "grad_norm": float(np.mean([v["grad_norm"] for v in vals])),
-                    "lr": float(vals[-1]["lr"]),
-                    "num_steps": len(vals),
-                    "images_per_sec": len(vals) * cfg.batch_size / max(dt, 1e-9),
-                    "wall_time_s": wall(),
-                }
-                if setup.is_main:
-                    log.write(rec)
-                    if tb:
-                        tb.write(rec)
-                pbar.set_postfix(
-                    loss=f"{rec['loss']:.4f}",
-                    acc=f"{rec['accuracy']:.3f}",
-                    img_s=f"{rec['images_per_sec']:.0f}",
-                    refresh=False,
-                )
+                except NonFiniteLoss as e:
+                    raise _diverged(setup, e, epoch) from None
+                writer.write(rec)
                 last_lr = rec["lr"]
                 window, win_t0, win_step0 = [], time.perf_counter(), done
             if epoch_end and (epoch % cfg.eval_every_epochs == 0 or done == total):
                 ev = _evaluate(setup, eval_step, state)
-                rec = {
-                    "step": done,
-                    "epoch": epoch,
-                    "split": "test",
-                    "loss": ev["loss"],
-                    "accuracy": ev["accuracy"],
-                    "lr": last_lr,
-                    "images_per_sec": ev["images_per_sec"],
-                    "num_examples": ev["num_examples"],
-                    "wall_time_s": wall(),
-                }
-                if setup.is_main:
-                    log.write(rec)
-                    if tb:
-                        tb.write(rec)
-                    pbar.write(
-                        f"epoch {epoch}/{cfg.num_epochs} step {done}: test accuracy "
-                        f"{ev['accuracy']:.4f} loss {ev['loss']:.4f}"
-                    )
+                writer.write(_test_record(ev, done, epoch, last_lr, wall()))
                 win_t0 = time.perf_counter()  # keep eval time out of train throughput
             if ckpt_due:
                 save(done)
-            pbar.update(1)
+            writer.step()
     finally:
-        pbar.close()
-        if tb:
-            tb.close()
+        writer.close()
     if ckpt.latest_step() != total:
         save(total)  # e.g. a run whose final state predates this code path
     ckpt.close()
+    if not setup.is_main:
+        return {}
+    return _write_summary(setup, n_params, int(_to_host(state.step)), wall())
 
-    summary = {}
-    if setup.is_main:
-        records = log.read()
-        summary = summarize(records)
-        summary.update(
-            {
-                "param_count": n_params,
-                "steps": int(_to_host(state.step)),
-                "epochs": cfg.num_epochs,
-                "steps_per_epoch": spe,
-                "wall_time_s": wall(),
-                "num_devices": len(setup.mesh.devices.flat),
-                "backend": jax.default_backend(),
-                "dataset": ds.describe(),
-                "config": cfg.to_dict(),
-            }
-        )
-        _write_json(os.path.join(workdir, "summary.json"), summary)
-        plots = []
-        if cfg.plots:
-            from anode_jax.training.plots import plot_curves
 
-            plots = plot_curves(
-                records, workdir, title=f"{cfg.data.name} {cfg.model.name}-{cfg.model.method}"
-            )
-        _log(
-            setup,
-            (
-                f"final test accuracy {summary.get('final_test_accuracy', float('nan')):.4f} "
-                f"(best {summary.get('best_test_accuracy', float('nan')):.4f}), "
-                f"{summary['steps']} steps, {summary['wall_time_s']:.1f} s"
-            ),
-        )
-        files = ["metrics.jsonl", "summary.json"] + [os.path.basename(p) for p in plots]
-        _log(setup, f"results in {os.path.abspath(workdir)}: {', '.join(files)}, checkpoints/")
+def _prepare_outputs(setup: _Setup, start_step: int) -> int:
+    """Drop metrics and events after `start_step`, write config.json; lines dropped."""
+    if not setup.is_main:
+        return 0
+    dropped = MetricsLog(os.path.join(setup.workdir, "metrics.jsonl")).truncate_after(start_step)
+    truncate_events_after(setup.workdir, start_step)  # TensorBoard: same steps as metrics.jsonl
+    with open(os.path.join(setup.workdir, "config.json"), "w") as f:
+        json.dump(setup.config.to_dict(), f, indent=2, default=list)
+    return dropped
+
+
+def _test_record(ev: dict[str, Any], step: int, epoch: int, lr, wall_time_s: float) -> dict:
+    return {
+        "step": step,
+        "epoch": epoch,
+        "split": "test",
+        "loss": ev["loss"],
+        "accuracy": ev["accuracy"],
+        "lr": lr,
+        "images_per_sec": ev["images_per_sec"],
+        "num_examples": ev["num_examples"],
+        "wall_time_s": wall_time_s,
+    }
+
+
+def _diverged(setup: _Setup, e: NonFiniteLoss, epoch: int) -> TrainingError:
+    ckpt = setup.checkpointer
+    ckpt.wait()
+    last = ckpt.latest_step()
+    return TrainingError(
+        f"loss became {e.loss} at step {e.step} (epoch {epoch}); training stopped and nothing "
+        f"after the last good checkpoint was saved (latest checkpoint: "
+        f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}); "
+        "lower optim.learning_rate or set optim.grad_clip_norm"
+    )
+
+
+def _write_summary(setup: _Setup, n_params: int, steps: int, wall_time_s: float) -> dict:
+    cfg, workdir = setup.config, setup.workdir
+    records = MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    summary = summarize(records)
+    summary.update(
+        {
+            "param_count": n_params,
+            "steps": steps,
+            "epochs": cfg.num_epochs,
+            "steps_per_epoch": setup.steps_per_epoch,
+            "wall_time_s": wall_time_s,
+            "num_devices": len(setup.mesh.devices.flat),
+            "backend": jax.default_backend(),
+            "dataset": setup.dataset.describe(),
+            "config": cfg.to_dict(),
+        }
+    )
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    plots = []
+    if cfg.plots:
+        from anode_jax.training.plots import plot_curves
+
+        title = f"{cfg.data.name} {cfg.model.name}-{cfg.model.method}"
+        plots = plot_curves(records, workdir, title=title)
+    _log(
+        setup,
+        f"final test accuracy {summary.get('final_test_accuracy', float('nan')):.4f} "
+        f"(best {summary.get('best_test_accuracy', float('nan')):.4f}), "
+        f"{summary['steps']} steps, {summary['wall_time_s']:.1f} s",
+    )
+    files = ["metrics.jsonl", "summary.json"] + [os.path.basename(p) for p in plots]
+    _log(setup, f"results in {os.path.abspath(workdir)}: {', '.join(files)}, checkpoints/")
     return summary
 
 

@@ -1,8 +1,9 @@
-"""Pure train / eval steps: functions of explicit pytrees, no hidden state.
+"""The train and eval steps: pure functions of explicit pytrees, no hidden state.
 
-``make_train_step`` / ``make_eval_step`` close over the (static) model, optimizer and
-preprocessing constants and return plain functions ``(state, images, labels) -> ...``
-that the loop jit-compiles with explicit shardings.
+`make_train_step` / `make_eval_step` close over the (static) model, optimizer and
+preprocessing constants and return plain functions `(state, images, labels) -> ...`;
+`compile_steps` jit-compiles them with explicit shardings. This is the one training step
+of the project: the trainer, the benchmarks and the tests all compile it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from anode_jax.data.augment import preprocess
+from anode_jax.data import preprocess
+from anode_jax.training import sharding as shd
 from anode_jax.training.train_state import TrainState
+
+#: Preprocessing of already-normalized float inputs (benchmarks, layout tests): identity.
+IDENTITY_PREPROCESSING = {"pixel_scale": 1.0, "mean": (0.0,), "std": (1.0,)}
 
 
 def _variables(params, batch_stats):
@@ -28,18 +33,20 @@ def make_train_step(
     model,
     tx: optax.GradientTransformation,
     *,
-    pixel_scale: float,
-    mean,
-    std,
-    augment: bool,
+    pixel_scale: float = 1.0,
+    mean=(0.0,),
+    std=(1.0,),
+    augment: bool = False,
     crop_padding: int = 4,
     flip: bool = True,
     schedule: optax.Schedule | None = None,
 ):
-    """Return ``train_step(state, images, labels) -> (new_state, metrics)``.
+    """Return `train_step(state, images, labels) -> (new_state, metrics)`.
 
-    ``images``: raw uint8 NHWC batch, ``labels``: int32. Metrics: loss, accuracy,
-    grad_norm and (when ``schedule`` is given) the learning rate used by this step.
+    `images`: raw NHWC batch (uint8 pixels, or floats with the identity defaults
+    `pixel_scale=1, mean=0, std=1`), `labels`: int32 `(N,)`. The loss is the mean softmax
+    cross-entropy; batch statistics are updated once per step. Metrics: loss, accuracy,
+    grad_norm and (when `schedule` is given) the learning rate used by this step.
     """
     prep = functools.partial(
         preprocess,
@@ -89,8 +96,8 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model, *, pixel_scale: float, mean, std):
-    """Return ``eval_step(state, images, labels, mask) -> {loss_sum, correct, count}``."""
+def make_eval_step(model, *, pixel_scale: float = 1.0, mean=(0.0,), std=(1.0,)):
+    """Return `eval_step(state, images, labels, mask) -> {loss_sum, correct, count}`."""
     prep = functools.partial(
         preprocess, key=None, pixel_scale=pixel_scale, mean=tuple(mean), std=tuple(std)
     )
@@ -107,3 +114,43 @@ def make_eval_step(model, *, pixel_scale: float, mean, std):
         }
 
     return eval_step
+
+
+def compile_steps(model, tx, dataset=None, data_config=None, mesh=None, schedule=None):
+    """Jit the pure train/eval steps with explicit shardings on `mesh`.
+
+    Train step: `(state, images, labels) -> (state, metrics)`, state replicated and
+    donated, batch sharded along the mesh's data axis. Eval step:
+    `(state, images, labels, mask) -> sums`. `dataset` supplies the preprocessing
+    constants (`pixel_scale`, `mean`, `std`; `None`: identity, for float inputs),
+    `data_config` the augmentation (`augment`, `crop_padding`, `flip`; `None`: off),
+    `mesh` the devices (`None`: one device).
+    """
+    mesh = shd.make_mesh(1) if mesh is None else mesh
+    prep = (
+        IDENTITY_PREPROCESSING
+        if dataset is None
+        else {"pixel_scale": dataset.pixel_scale, "mean": dataset.mean, "std": dataset.std}
+    )
+    aug = (
+        {"augment": False}
+        if data_config is None
+        else {
+            "augment": data_config.augment,
+            "crop_padding": data_config.crop_padding,
+            "flip": data_config.flip,
+        }
+    )
+    repl, bsh = shd.replicated(mesh), shd.batch_sharded(mesh)
+    train_step = jax.jit(
+        make_train_step(model, tx, **prep, **aug, schedule=schedule),
+        in_shardings=(repl, bsh, bsh),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(model, **prep),
+        in_shardings=(repl, bsh, bsh, bsh),
+        out_shardings=repl,
+    )
+    return train_step, eval_step

@@ -1,4 +1,4 @@
-"""Explicit training state, model construction and optimizer."""
+"""Explicit training state, model construction, optimizer and the state's initialization."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from anode_jax.training.config_validation import model_kwargs
+from anode_jax.training import sharding as shd
+from anode_jax.training.configs import block_type
 
 
 @flax.struct.dataclass
@@ -35,6 +36,21 @@ class TrainState:
             "opt_state": self.opt_state,
             "rng": self.rng,
         }
+
+
+def model_kwargs(config) -> dict[str, Any]:
+    """The `anode_jax.models.create_model` keyword arguments a (validated) config maps to
+    (`num_classes` is `None`: the dataset fills it in)."""
+    return dict(
+        num_classes=None,
+        block=block_type(config.model.method),
+        num_steps=config.model.num_steps,
+        solver=config.model.solver,
+        adjoint=config.model.adjoint,
+        q=config.model.q,
+        norm=config.model.norm,
+        width=config.model.width,
+    )
 
 
 def build_model(config, num_classes: int):
@@ -145,6 +161,25 @@ def create_train_state(
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=jax.random.key_data(data_key),
+    )
+
+
+def init_state(model, tx, seed: int, image_shape, mesh) -> TrainState:
+    """`create_train_state` jit-compiled with a replicated output on `mesh`.
+
+    Initialization runs once: on CPU it is compiled without LLVM optimizations (~10x
+    faster to compile, e.g. 0.4 s instead of 4.4 s for `small`; the values are the same
+    deterministic function of the seed on every run).
+    """
+
+    def init_train_state():
+        return create_train_state(model, tx, seed, image_shape)
+
+    opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    return (
+        jax.jit(init_train_state, out_shardings=shd.replicated(mesh))
+        .lower()
+        .compile(compiler_options=opts)()
     )
 
 

@@ -1,0 +1,1 @@
+"""The reproduction driver's parts; `benchmarks/reproduce.py` is its command line."""
