@@ -27,29 +27,69 @@ flags.DEFINE_bool("eval_only", False, "Evaluate the latest checkpoint in --workd
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _override_keys(argv):
-    """Dotted keys of --config.KEY[=VALUE] / --noconfig.KEY overrides in argv."""
-    keys = []
-    for arg in argv[1:]:
+def _overrides(argv):
+    """`(key, text or None)` of each --config.KEY[=TEXT] / --noconfig.KEY override in argv."""
+    out = []
+    args = argv[1:]
+    for i, arg in enumerate(args):
         if arg == "--":
             break
-        name = arg.lstrip("-").split("=", 1)[0]
         if not arg.startswith("-"):
             continue
-        for prefix in ("config.", "noconfig."):
-            if name.startswith(prefix):
-                keys.append(name[len(prefix) :])
-    return keys
+        name, eq, text = arg.lstrip("-").partition("=")
+        if name.startswith("noconfig."):
+            out.append((name[len("noconfig.") :], None))
+        elif name.startswith("config."):
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                text = args[i + 1]  # --config.KEY VALUE
+            out.append((name[len("config.") :], text if eq or text else None))
+    return out
+
+
+def _override_keys(argv):
+    """Dotted keys of --config.KEY[=VALUE] / --noconfig.KEY overrides in argv."""
+    return [key for key, _ in _overrides(argv)]
+
+
+def _config_file(argv):
+    """The file part of --config=FILE[:ARG] (or --config FILE[:ARG]), or None."""
+    args = argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg in ("--config", "-config") and i + 1 < len(args):
+            return args[i + 1].split(":", 1)[0]
+    return None
+
+
+def check_command_line(argv):
+    """Problems absl would report in several lines, or only after loading: one line each."""
+    from anode_jax.training import check_known_keys, check_override
+    from anode_jax.training.errors import ConfigError
+
+    path = _config_file(argv)
+    if path is not None and not os.path.isfile(path):
+        shipped = ", ".join(f"configs/{n}.py" for n in ("default", "cifar10", "cifar100"))
+        raise ConfigError(
+            f"--config={path}: no such config file (from {os.getcwd()}); the shipped ones "
+            f"are {shipped} (the CIFAR ones take :MODEL-METHOD)"
+        )
+    overrides = _overrides(argv)
+    check_known_keys([key for key, _ in overrides])
+    for key, text in overrides:
+        if text is not None:
+            check_override(key, text)
 
 
 def parse_flags(argv):
-    """absl flag parsing, with config problems reported as one line instead of a traceback."""
+    """absl flag parsing, with every problem reported as one line instead of a traceback."""
     from anode_jax.training import ConfigError
-    from anode_jax.training.config_validation import check_known_keys
 
     try:
-        check_known_keys(_override_keys(argv))
-        return FLAGS(argv)
+        check_command_line(argv)
+        rest = FLAGS(argv)
     except ConfigError as e:
         _fail(e)
     except flags.Error as e:
@@ -58,7 +98,13 @@ def parse_flags(argv):
             root = root.__cause__ if root.__cause__ is not None else root.__context__
         if isinstance(root, ConfigError):
             _fail(root)
-        _fail(f"{e}\nPass --helpshort or --helpfull to see help on flags.")
+        _fail(f"{' '.join(str(e).split())} (see --helpshort)")
+    if len(rest) > 1:
+        _fail(
+            f"unexpected argument(s) {' '.join(map(repr, rest[1:]))}: train.py takes only "
+            "--config, --workdir, --eval_only and --config.KEY=VALUE flags (see --helpshort)"
+        )
+    return rest
 
 
 def _fail(e):
@@ -91,8 +137,6 @@ def _quiet_closed_loop(unraisable) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         # Orbax logs every checkpoint step at INFO; progress goes to the tqdm bar instead.
         logging.set_verbosity(logging.WARNING)
@@ -109,7 +153,7 @@ def main(argv):
     except (ConfigError, DataError, TrainingError) as e:
         _fail(e)
     except OSError as e:  # a filesystem fault the trainer did not anticipate: still one line
-        _fail(f"{e} (workdir {os.path.abspath(FLAGS.workdir)})")
+        _fail(f"{' '.join(str(e).split())} (workdir {os.path.abspath(FLAGS.workdir)})")
 
 
 if __name__ == "__main__":

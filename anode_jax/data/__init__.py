@@ -24,11 +24,17 @@ from anode_jax.data.pipeline import TrainOrder, epoch_permutation, eval_batches,
 from anode_jax.data.safe_pickle import UnsafePickleError, safe_load, safe_loads
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
+#: Image shape (H, W, C) of each dataset.
+IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3), "cifar100": (32, 32, 3)}
+#: Images in each dataset's full test split (local copies may hold fewer, never more).
+TEST_SPLIT_SIZES = {"digits": 360, "cifar10": 10_000, "cifar100": 10_000}
 
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_STD",
     "DATASET_NAMES",
+    "IMAGE_SHAPES",
+    "TEST_SPLIT_SIZES",
     "DataError",
     "Dataset",
     "TrainOrder",
@@ -64,6 +70,9 @@ def load_dataset(name: str, data_dir: str = "", train_size: int = 0, test_size: 
         ds = load_cifar_local(name, data_dir)
     else:
         ds = load_cifar_tfds(name)
+    for what, have in (("train", ds.num_train), ("test", ds.num_test)):
+        if have == 0:
+            raise DataError(f"{ds.source}: the {what} split is empty (0 images)")
     for what, size, have in (("train", train_size, ds.num_train), ("test", test_size, ds.num_test)):
         if size > have:
             raise DataError(

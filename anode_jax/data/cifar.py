@@ -187,16 +187,38 @@ def _read_python(path: str, layout: _Layout) -> tuple[np.ndarray, np.ndarray]:
             else type(data).__name__
         )
         raise _bad(path, layout, f"b'data' is a {desc}, expected uint8 (N, {IMAGE_BYTES})")
-    try:
-        labels = np.asarray(obj[label_key], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise _bad(path, layout, f"{label_key!r} is not a list of integers") from None
+    labels = _integer_labels(obj[label_key])
+    if labels is None:
+        raise _bad(path, layout, f"{label_key!r} is not a list of integers")
+    raw = obj[label_key]
+    if isinstance(raw, (list, tuple)) and raw and (min(raw) < 0 or max(raw) >= layout.num_classes):
+        # Python integers: a label beyond int64 is named with its own value.
+        raise _bad(
+            path,
+            layout,
+            f"labels outside [0, {layout.num_classes}) (min {min(raw)}, max {max(raw)}; "
+            "corrupt file?)",
+        )
     if labels.shape != (data.shape[0],):
         raise _bad(
             path, layout, f"{label_key!r} has shape {labels.shape}, expected ({data.shape[0]},)"
         )
     _check_labels(path, layout, labels)
     return _planes_to_nhwc(data), labels.astype(np.int32)
+
+
+def _integer_labels(raw) -> np.ndarray | None:
+    """Labels as int64, or `None` unless they are integers (a list of ints or an integer
+    array, as in the official files): floats, strings and bools are not labels, and an
+    integer beyond int64 is reported by the range check, not as an overflow."""
+    if isinstance(raw, np.ndarray):
+        return raw.astype(np.int64) if raw.dtype.kind in "iu" and raw.ndim == 1 else None
+    if not isinstance(raw, (list, tuple)):
+        return None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+        return None
+    big = np.iinfo(np.int64).max
+    return np.asarray([min(max(int(v), -big), big) for v in raw], dtype=np.int64)
 
 
 def _read_binary(path: str, layout: _Layout) -> tuple[np.ndarray, np.ndarray]:

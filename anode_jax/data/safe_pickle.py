@@ -31,7 +31,10 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         # Python-3 pickles of ``bytes`` at protocol <= 2 go through _codecs.encode,
         # a pure function returning bytes.
         ("_codecs", "encode"),
-        # Builtin containers and scalars that have no dedicated opcode.
+        # Builtin containers and scalars that have no dedicated opcode (protocol <= 2
+        # pickles an empty array's buffer as `bytes()`).
+        ("builtins", "bytes"),
+        ("__builtin__", "bytes"),
         ("builtins", "set"),
         ("builtins", "frozenset"),
         ("builtins", "bytearray"),

@@ -14,7 +14,11 @@ from anode_jax.training.checkpoints import (
     CheckpointWriteError,
 )
 from anode_jax.training.config_validation import (
+    FIELDS,
+    check_distributed_environment,
     check_known_keys,
+    check_override,
+    divergence_hints,
     flat_config,
     validate_config,
 )
@@ -58,12 +62,14 @@ from anode_jax.training.train_state import (
     model_kwargs,
     param_count,
 )
+from anode_jax.training.workdir import WorkdirError, check_workdir
 from anode_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock
 
 __all__ = [
     "CIFAR_MODELS",
     "CONFIG_NAMES",
     "DAMAGED_DIRNAME",
+    "FIELDS",
     "METHODS",
     "METHOD_SPECS",
     "SCALARS",
@@ -79,15 +85,20 @@ __all__ = [
     "TrainState",
     "TrainingError",
     "WorkdirBusyError",
+    "WorkdirError",
     "WorkdirLock",
     "apply_method",
     "base_config",
     "batch_sharded",
     "block_type",
     "build_model",
+    "check_distributed_environment",
     "check_known_keys",
+    "check_override",
+    "check_workdir",
     "compile_steps",
     "create_train_state",
+    "divergence_hints",
     "evaluate",
     "event_files",
     "flat_config",

@@ -30,7 +30,12 @@ import numpy as np
 from anode_jax.data import Dataset, TrainOrder, eval_batches, load_dataset, pad_batch
 from anode_jax.training import sharding as shd
 from anode_jax.training.checkpoints import Checkpointer
-from anode_jax.training.config_validation import flat_config, validate_config
+from anode_jax.training.config_validation import (
+    INT32_MAX,
+    divergence_hints,
+    flat_config,
+    validate_config,
+)
 from anode_jax.training.errors import ConfigError, TrainingError
 from anode_jax.training.metrics import (
     MetricsLog,
@@ -49,6 +54,7 @@ from anode_jax.training.train_state import (
     make_optimizer,
     param_count,
 )
+from anode_jax.training.workdir import check_workdir
 from anode_jax.training.workdir_lock import WorkdirLock
 
 # Keys that must match between a checkpoint and the config resuming it.
@@ -101,24 +107,15 @@ def _log(setup_or_flag, msg: str) -> None:
 
 
 def _setup(config, workdir: str) -> _Setup:
+    # Everything that can be checked without data or devices, before anything is written.
+    notes = validate_config(config, num_devices=1 if config.distributed else None)
+    check_workdir(workdir)
     if config.distributed:
-        validate_config(config, num_devices=1)  # names and sizes, before touching devices
         jax.distributed.initialize()
-    validate_config(config)
+        validate_config(config)  # the batch split over the devices of all processes
     is_main = jax.process_index() == 0
-    # Before anything in the workdir is written: a second trainer must change nothing.
-    lock = WorkdirLock(
-        workdir, process_index=jax.process_index(), process_count=jax.process_count()
-    ).acquire()
-    try:
-        return _setup_locked(config, workdir, is_main, lock)
-    except BaseException:
-        lock.release()
-        raise
-
-
-def _setup_locked(config, workdir: str, is_main: bool, lock: WorkdirLock) -> _Setup:
-    mesh = shd.make_mesh(config.num_devices)
+    for note in notes:
+        _log(is_main, f"warning: {note}")
     dataset = load_dataset(
         config.data.name, config.data.dir, config.data.train_size, config.data.test_size
     )
@@ -128,6 +125,27 @@ def _setup_locked(config, workdir: str, is_main: bool, lock: WorkdirLock) -> _Se
             f"examples of {dataset.name}; lower it or raise config.data.train_size"
         )
     order = TrainOrder(dataset.num_train, config.batch_size, config.seed)
+    if config.num_epochs * order.steps_per_epoch > INT32_MAX:
+        raise ConfigError(
+            f"config.num_epochs={config.num_epochs} makes {config.num_epochs} x "
+            f"{order.steps_per_epoch} steps, more than the step counter holds ({INT32_MAX}); "
+            f"an integer in [1, {INT32_MAX // order.steps_per_epoch}]"
+        )
+    # Before anything in the workdir is written: a second trainer must change nothing.
+    lock = WorkdirLock(
+        workdir, process_index=jax.process_index(), process_count=jax.process_count()
+    ).acquire()
+    try:
+        return _setup_locked(config, workdir, is_main, lock, dataset, order)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _setup_locked(
+    config, workdir: str, is_main: bool, lock: WorkdirLock, dataset: Dataset, order: TrainOrder
+) -> _Setup:
+    mesh = shd.make_mesh(config.num_devices)
     spe = order.steps_per_epoch
     model = build_model(config, dataset.num_classes)
     schedule = make_lr_schedule(config, spe)
@@ -192,11 +210,14 @@ def _to_host(tree):
 def _evaluate(setup: _Setup, eval_step, state) -> dict[str, float]:
     cfg, ds = setup.config, setup.dataset
     bsh = shd.batch_sharded(setup.mesh)
+    # A batch larger than the test split is clamped to it (rounded up to the devices).
+    n = len(setup.mesh.devices.flat)
+    batch = min(cfg.eval_batch_size, -(-ds.num_test // n) * n)
     tot = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     outs = []
     t = time.perf_counter()
-    for lo, hi in eval_batches(ds.num_test, cfg.eval_batch_size):
-        x, y, mask = pad_batch(ds.test_images[lo:hi], ds.test_labels[lo:hi], cfg.eval_batch_size)
+    for lo, hi in eval_batches(ds.num_test, batch):
+        x, y, mask = pad_batch(ds.test_images[lo:hi], ds.test_labels[lo:hi], batch)
         outs.append(eval_step(state, *shd.put_batch((x, y, mask), bsh)))
     for o in _to_host(outs):
         for k in tot:
@@ -349,11 +370,17 @@ def _diverged(setup: _Setup, e: NonFiniteLoss, epoch: int) -> TrainingError:
     ckpt = setup.checkpointer
     ckpt.wait()
     last = ckpt.latest_step()
+    hints = divergence_hints(setup.config)
+    advice = (
+        f"settings outside their usual range: {', '.join(hints)}; lower them or set "
+        "optim.grad_clip_norm"
+        if hints
+        else "lower optim.learning_rate or set optim.grad_clip_norm"
+    )
     return TrainingError(
         f"loss became {e.loss} at step {e.step} (epoch {epoch}); training stopped and nothing "
         f"after the last good checkpoint was saved (latest checkpoint: "
-        f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}); "
-        "lower optim.learning_rate or set optim.grad_clip_norm"
+        f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}); {advice}"
     )
 
 
