@@ -396,6 +396,8 @@ def _write_bad_cifar(root: Path) -> str:
     return _cifar10(root, train=_labels([2**70] + [0] * 7))
 
 
+# One member per kind (the rest of each family runs in-process above): each subprocess costs
+# an interpreter start and the package import, a few seconds.
 SUBPROCESS = [  # (id, prior workdir content, train.py arguments; {w}: workdir, {d}: bad CIFAR)
     ("empty-workdir", None, ["--config=configs/default.py", "--workdir="]),
     ("workdir-is-cwd-with-user-files", None, ["--config=configs/default.py", "--workdir=."]),
@@ -405,11 +407,6 @@ SUBPROCESS = [  # (id, prior workdir content, train.py arguments; {w}: workdir, 
         ["--config=configs/default.py", "--workdir={w}"],
     ),
     ("nan", None, ["--config=configs/default.py", "--workdir={w}", "--config.optim.b1=nan"]),
-    (
-        "bound",
-        None,
-        ["--config=configs/default.py", "--workdir={w}", "--config.seed=9223372036854775808"],
-    ),
     ("type", None, ["--config=configs/default.py", "--workdir={w}", "--config.batch_size=64.5"]),
     ("missing-config-file", None, ["--config=configs/nope.py", "--workdir={w}"]),
     ("extra-argument", None, ["--config=configs/default.py", "--workdir={w}", "extra"]),
