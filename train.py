@@ -115,9 +115,9 @@ def _fail(e):
 def _quiet_orbax_logs(record) -> bool:
     """Orbax (and asyncio, for orbax's futures) log background failures with whole
     tracebacks. Each failure the trainer meets is reported by it as one line: a failed
-    write stops training with ``error: ...``, a damaged checkpoint is skipped with a line
+    write stops training with `error: ...`, a damaged checkpoint is skipped with a line
     naming it. So their ERROR records are dropped and the rest kept to one line
-    (``--verbosity=0`` shows everything)."""
+    (`--verbosity=0` shows everything)."""
     if f"{os.sep}orbax{os.sep}" in record.pathname or record.name == "asyncio":
         if record.levelno >= std_logging.ERROR:
             return False
@@ -130,7 +130,7 @@ def _quiet_orbax_logs(record) -> bool:
 def _quiet_closed_loop(unraisable) -> None:
     """After an asynchronous checkpoint write fails, tensorstore may still complete futures
     of orbax's closed event loop; their "Event loop is closed" tracebacks say nothing the
-    ``error:`` line does not."""
+    `error:` line does not."""
     e = unraisable.exc_value
     if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
         sys.__unraisablehook__(unraisable)

@@ -57,10 +57,10 @@ __all__ = [
 
 
 def load_dataset(name: str, data_dir: str = "", train_size: int = 0, test_size: int = 0) -> Dataset:
-    """Load ``name`` into host memory; keep the first ``train_size``/``test_size`` (0 = all).
+    """Load `name` into host memory; keep the first `train_size`/`test_size` (0 = all).
 
-    ``data_dir`` (CIFAR only): a local copy in an official layout; empty means
-    tensorflow-datasets. Raises :class:`DataError` with a one-line message on failure.
+    `data_dir` (CIFAR only): a local copy in an official layout; empty means
+    tensorflow-datasets. Raises `DataError` with a one-line message on failure.
     """
     if name not in DATASET_NAMES:
         raise DataError(f"unknown dataset '{name}'; valid: {', '.join(DATASET_NAMES)}")

@@ -1,7 +1,7 @@
 """Jittable preprocessing: random crop with zero padding, horizontal flip, normalization.
 
 All functions are pure JAX and take an explicit PRNG key; the training step derives
-it as ``jax.random.fold_in(rng, step)``, so the augmentation of every step is a
+it as `jax.random.fold_in(rng, step)`, so the augmentation of every step is a
 function of (seed, step) alone: deterministic, independent of how the batch is
 sharded, and reproduced exactly after a resume.
 """
@@ -17,10 +17,10 @@ import jax.numpy as jnp
 def random_crop_flip(
     key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True
 ) -> jax.Array:
-    """Pad each NHWC image by ``pad`` zeros, crop back at a random offset, maybe flip.
+    """Pad each NHWC image by `pad` zeros, crop back at a random offset, maybe flip.
 
-    Equivalent to torchvision's ``RandomCrop(size, padding=pad)`` followed by
-    ``RandomHorizontalFlip()``, applied independently per image.
+    Equivalent to torchvision's `RandomCrop(size, padding=pad)` followed by
+    `RandomHorizontalFlip()`, applied independently per image.
     """
     b, h, w, c = images.shape
     k_crop, k_flip = jax.random.split(key)
@@ -41,7 +41,7 @@ def random_crop_flip(
 def normalize(
     images: jax.Array, *, pixel_scale: float, mean: Sequence[float], std: Sequence[float]
 ) -> jax.Array:
-    """Raw pixels -> float32 ``(x * pixel_scale - mean) / std`` (per channel)."""
+    """Raw pixels -> float32 `(x * pixel_scale - mean) / std` (per channel)."""
     x = images.astype(jnp.float32) * jnp.float32(pixel_scale)
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
@@ -58,7 +58,7 @@ def preprocess(
     crop_pad: int = 0,
     flip: bool = False,
 ) -> jax.Array:
-    """Scale to [0, 1], augment (when ``key`` is given), then normalize.
+    """Scale to [0, 1], augment (when `key` is given), then normalize.
 
     Augmentation pads with zeros in [0, 1] pixel space before normalization, as the
     reference PyTorch pipeline (RandomCrop before Normalize) does.

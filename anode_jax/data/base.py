@@ -11,10 +11,10 @@ import numpy as np
 class Dataset:
     """A labelled image dataset held in host memory.
 
-    Images are stored raw (``uint8``, NHWC); ``pixel_scale`` maps them to ``[0, 1]``
-    and ``mean``/``std`` (per channel, in ``[0, 1]`` units) normalize them. Scaling,
+    Images are stored raw (`uint8`, NHWC); `pixel_scale` maps them to `[0, 1]`
+    and `mean`/`std` (per channel, in `[0, 1]` units) normalize them. Scaling,
     augmentation and normalization happen inside the jitted step (see
-    :mod:`anode_jax.data.augment`), so only bytes travel host -> device.
+    `anode_jax.data.augment`), so only bytes travel host -> device.
     """
 
     name: str
@@ -42,7 +42,7 @@ class Dataset:
         return int(self.test_images.shape[0])
 
     def subset(self, train_size: int = 0, test_size: int = 0) -> Dataset:
-        """First ``train_size`` / ``test_size`` examples (0 keeps everything)."""
+        """First `train_size` / `test_size` examples (0 keeps everything)."""
         tr = slice(None) if not train_size else slice(0, train_size)
         te = slice(None) if not test_size else slice(0, test_size)
         return dataclasses.replace(

@@ -1,19 +1,19 @@
 """CIFAR-10 / CIFAR-100 from local copies in the official layouts, or from tfds.
 
-Local layouts (``data.dir`` may name the layout folder itself or a folder holding it):
+Local layouts (`data.dir` may name the layout folder itself or a folder holding it):
 
-* CIFAR-10 python version ``cifar-10-batches-py/``: ``data_batch_1`` .. ``data_batch_5``,
-  ``test_batch`` (pickled dicts with ``b'data'`` uint8 (N, 3072) in R, G, B planes and
-  ``b'labels'``) and optionally ``batches.meta``. Missing ``data_batch_2..5`` are tolerated
-  (reduced copies); ``data_batch_1`` and ``test_batch`` are required.
-* CIFAR-10 binary version ``cifar-10-batches-bin/``: ``data_batch_1.bin`` ..
-  ``data_batch_5.bin``, ``test_batch.bin``; records of 1 label byte + 3072 pixel bytes.
-* CIFAR-100 python version ``cifar-100-python/``: ``train``, ``test`` (``b'data'``,
-  ``b'fine_labels'``, ``b'coarse_labels'``), optionally ``meta``.
-* CIFAR-100 binary version ``cifar-100-binary/``: ``train.bin``, ``test.bin``; records of
+* CIFAR-10 python version `cifar-10-batches-py/`: `data_batch_1` .. `data_batch_5`,
+  `test_batch` (pickled dicts with `b'data'` uint8 (N, 3072) in R, G, B planes and
+  `b'labels'`) and optionally `batches.meta`. Missing `data_batch_2..5` are tolerated
+  (reduced copies); `data_batch_1` and `test_batch` are required.
+* CIFAR-10 binary version `cifar-10-batches-bin/`: `data_batch_1.bin` ..
+  `data_batch_5.bin`, `test_batch.bin`; records of 1 label byte + 3072 pixel bytes.
+* CIFAR-100 python version `cifar-100-python/`: `train`, `test` (`b'data'`,
+  `b'fine_labels'`, `b'coarse_labels'`), optionally `meta`.
+* CIFAR-100 binary version `cifar-100-binary/`: `train.bin`, `test.bin`; records of
   coarse label byte + fine label byte + 3072 pixel bytes.
 
-Pickles are read with :func:`anode_jax.data.safe_pickle.safe_load`, never plain pickle.
+Pickles are read with `anode_jax.data.safe_pickle.safe_load`, never plain pickle.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def expected_layouts(name: str) -> str:
 
 
 def resolve_layout(name: str, data_dir: str) -> tuple[_Layout, str]:
-    """Find which official layout ``data_dir`` holds; returns (layout, folder)."""
+    """Find which official layout `data_dir` holds; returns (layout, folder)."""
     if name not in _LAYOUTS:
         raise DataError(f"no local layout for dataset '{name}'; valid: {sorted(_LAYOUTS)}")
     path = os.path.abspath(os.path.expanduser(data_dir))

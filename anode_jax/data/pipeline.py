@@ -1,8 +1,8 @@
 """Deterministic, resumable batch order.
 
-The training order of epoch ``e`` is a permutation drawn from ``(seed, e)`` alone, and
-global step ``s`` reads batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``.
-A run restored at step ``s`` therefore continues at exactly the batch it would have
+The training order of epoch `e` is a permutation drawn from `(seed, e)` alone, and
+global step `s` reads batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`.
+A run restored at step `s` therefore continues at exactly the batch it would have
 read. Incomplete final batches are dropped in training (a fresh permutation each
 epoch means every example is still seen); evaluation pads the last batch and masks it.
 """
@@ -37,7 +37,7 @@ class TrainOrder:
         return epoch_permutation(self.seed, epoch, self.num_examples)
 
     def position(self, step: int) -> tuple[int, int]:
-        """(epoch, batch index within the epoch) of global ``step``."""
+        """(epoch, batch index within the epoch) of global `step`."""
         return divmod(step, self.steps_per_epoch)
 
     def indices(self, step: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def eval_batches(num_examples: int, batch_size: int):
 
 
 def pad_batch(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """Pad a short batch to ``batch_size``; returns (images, labels, mask)."""
+    """Pad a short batch to `batch_size`; returns (images, labels, mask)."""
     n = images.shape[0]
     mask = np.zeros((batch_size,), np.float32)
     mask[:n] = 1.0

@@ -1,11 +1,11 @@
 """A restricted unpickler for the CIFAR "python version" files.
 
 The official CIFAR archives are pickles. Unpickling an untrusted pickle with
-:mod:`pickle` can run arbitrary code (any importable callable can be invoked
-through ``GLOBAL``/``REDUCE``), so the loaders use :func:`safe_load`, which admits
+`pickle` can run arbitrary code (any importable callable can be invoked
+through `GLOBAL`/`REDUCE`), so the loaders use `safe_load`, which admits
 only builtin containers and scalars (handled by pickle opcodes, no globals needed)
-plus the handful of numpy helpers that rebuild a plain ``ndarray``. Any other
-global (``os.system``, ``builtins.eval``, ``subprocess.Popen`` ...) is refused
+plus the handful of numpy helpers that rebuild a plain `ndarray`. Any other
+global (`os.system`, `builtins.eval`, `subprocess.Popen` ...) is refused
 *before* it is looked up, so nothing in the payload runs.
 """
 
@@ -28,7 +28,7 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     + [
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
-        # Python-3 pickles of ``bytes`` at protocol <= 2 go through _codecs.encode,
+        # Python-3 pickles of `bytes` at protocol <= 2 go through _codecs.encode,
         # a pure function returning bytes.
         ("_codecs", "encode"),
         # Builtin containers and scalars that have no dedicated opcode (protocol <= 2
@@ -75,12 +75,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_loads(data: bytes, *, source: str = "<bytes>") -> Any:
-    """Unpickle ``data`` with the restricted unpickler (``encoding='bytes'``)."""
+    """Unpickle `data` with the restricted unpickler (`encoding='bytes'`)."""
     return _load(io.BytesIO(data), source)
 
 
 def safe_load(path: str | os.PathLike[str]) -> Any:
-    """Unpickle the file at ``path`` with the restricted unpickler."""
+    """Unpickle the file at `path` with the restricted unpickler."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         return _load(f, path)

@@ -1,6 +1,6 @@
 """Every config fact in one place: the base config, the named configs, MODEL-METHOD parsing.
 
-``configs/*.py`` (what ``train.py --config=...`` loads) are thin wrappers over
+`configs/*.py` (what `train.py --config=...` loads) are thin wrappers over
 `get_config`, so a notebook or script without a repository checkout builds exactly
 the same config:
 

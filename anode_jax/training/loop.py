@@ -1,16 +1,16 @@
-"""The training loop: ``train_and_evaluate(config, workdir)`` and ``evaluate(...)``.
+"""The training loop: `train_and_evaluate(config, workdir)` and `evaluate(...)`.
 
-Order of work at a global step ``s`` (``s`` = optimizer steps completed):
+Order of work at a global step `s` (`s` = optimizer steps completed):
 
-1. train step on batch ``s - 1`` of the deterministic order (see anode_jax.data.pipeline);
-2. at a log point (every ``log_every_steps``, at epoch ends, at checkpoint steps and at
+1. train step on batch `s - 1` of the deterministic order (see anode_jax.data.pipeline);
+2. at a log point (every `log_every_steps`, at epoch ends, at checkpoint steps and at
    the end) the window's per-step losses are fetched, checked for NaN/Inf and one
-   ``train`` line is written to ``metrics.jsonl``;
-3. at an epoch end the test split is evaluated and a ``test`` line is written;
-4. at a checkpoint step (every ``checkpoint_every_steps`` and at the end) the state is saved.
+   `train` line is written to `metrics.jsonl`;
+3. at an epoch end the test split is evaluated and a `test` line is written;
+4. at a checkpoint step (every `checkpoint_every_steps` and at the end) the state is saved.
 
 Because checkpoints fall on log points and lines are written before the checkpoint,
-a run restored from step ``s`` truncates ``metrics.jsonl`` to ``step <= s`` and then
+a run restored from step `s` truncates `metrics.jsonl` to `step <= s` and then
 writes exactly the lines an uninterrupted run would have written.
 """
 
@@ -238,7 +238,7 @@ def _compile_steps(setup: _Setup):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); return the summary.
+    """Train `config` in `workdir` (resuming from its latest checkpoint); return the summary.
 
     Holds the workdir's lock for the whole run (see training/workdir_lock.py).
     """
@@ -423,9 +423,9 @@ def _write_summary(setup: _Setup, n_params: int, steps: int, wall_time_s: float)
 class Restored:
     """A workdir's latest checkpoint with the model and data it was trained on.
 
-    ``model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-    train=False)`` evaluates it; ``dataset`` is the run's dataset (test split included,
-    normalization constants in ``mean``/``std``/``pixel_scale``); ``step`` the checkpoint's.
+    `model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+    train=False)` evaluates it; `dataset` is the run's dataset (test split included,
+    normalization constants in `mean`/`std`/`pixel_scale`); `step` the checkpoint's.
     """
 
     config: ml_collections.ConfigDict
@@ -436,9 +436,9 @@ class Restored:
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str) -> Restored:
-    """The latest checkpoint in ``workdir``, restored exactly as a resume would (same config
+    """The latest checkpoint in `workdir`, restored exactly as a resume would (same config
     checks, same errors), for analysis: nothing is trained or written, and the workdir lock
-    is released before returning. Raises :class:`TrainingError` when there is no checkpoint.
+    is released before returning. Raises `TrainingError` when there is no checkpoint.
     """
     setup = _setup_existing(config, workdir, "restore")
     try:
@@ -469,7 +469,7 @@ def _setup_existing(config, workdir: str, what: str) -> _Setup:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluate the latest checkpoint in ``workdir`` on the test split (``--eval_only``)."""
+    """Evaluate the latest checkpoint in `workdir` on the test split (`--eval_only`)."""
     setup = _setup_existing(config, workdir, "--eval_only")
     try:
         return _evaluate_restored(setup)

@@ -4,12 +4,12 @@
 progress bar); `train_record` turns a window of per-step metrics into a `train` record,
 refusing a non-finite loss.
 
-Lines: ``{"step", "epoch", "split": "train"|"test", "loss", "accuracy", "lr",
-"images_per_sec", "wall_time_s", ...}``. ``step`` counts completed optimizer steps.
-On resume from the checkpoint at step ``s`` every line with ``step > s`` (and any torn
-last line) is dropped, so the file reads as if the run had never been interrupted. ``s``
+Lines: `{"step", "epoch", "split": "train"|"test", "loss", "accuracy", "lr",
+"images_per_sec", "wall_time_s", ...}`. `step` counts completed optimizer steps.
+On resume from the checkpoint at step `s` every line with `step > s` (and any torn
+last line) is dropped, so the file reads as if the run had never been interrupted. `s`
 is the step actually restored: when the newest checkpoint is damaged and an older one is
-used, the lines after the older one go too; with no checkpoint (``s = 0``) all go.
+used, the lines after the older one go too; with no checkpoint (`s = 0`) all go.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class MetricsLog:
         return records
 
     def truncate_after(self, step: int) -> int:
-        """Keep only records with ``record["step"] <= step``; returns how many were dropped."""
+        """Keep only records with `record["step"] <= step`; returns how many were dropped."""
         if not os.path.exists(self.path):
             return 0
         with open(self.path, encoding="utf-8") as f:

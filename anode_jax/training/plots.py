@@ -1,6 +1,6 @@
 """Loss / accuracy curves from metrics.jsonl as PNG files.
 
-Drawn on plain ``matplotlib.figure.Figure`` objects (no pyplot): the caller's backend is
+Drawn on plain `matplotlib.figure.Figure` objects (no pyplot): the caller's backend is
 left alone, so a notebook that trains keeps its inline figures, and no window opens.
 """
 

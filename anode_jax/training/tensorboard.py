@@ -1,20 +1,20 @@
-"""TensorBoard event files next to ``metrics.jsonl`` (``tensorboard --logdir runs/``).
+"""TensorBoard event files next to `metrics.jsonl` (`tensorboard --logdir runs/`).
 
-The trainer mirrors every ``metrics.jsonl`` record into TensorBoard scalars in
-``<workdir>``: one event per record and key, at the record's ``step``::
+The trainer mirrors every `metrics.jsonl` record into TensorBoard scalars in
+`<workdir>`: one event per record and key, at the record's `step`:
 
     train/loss  train/accuracy  train/grad_norm  train/learning_rate  train/images_per_sec
     test/loss   test/accuracy   test/images_per_sec
 
 Events are written with tensorboardX (a maintained writer that needs neither TensorFlow
-nor PyTorch). Each writer opens its own file (``events.out.tfevents.<time>.<host>.<id>``).
+nor PyTorch). Each writer opens its own file (`events.out.tfevents.<time>.<host>.<id>`).
 
-Consistency after a resume: a run restored from step ``s`` calls
-:func:`truncate_events_after` ``(workdir, s)`` when it truncates ``metrics.jsonl``; every
-event file in ``workdir`` is rewritten without the scalars of steps ``> s`` (and without
+Consistency after a resume: a run restored from step `s` calls
+`truncate_events_after` `(workdir, s)` when it truncates `metrics.jsonl`; every
+event file in `workdir` is rewritten without the scalars of steps `> s` (and without
 a torn last record of a killed run). The resumed run then writes exactly the steps an
 uninterrupted run would have written, so the event files hold the same steps as
-``metrics.jsonl`` (tested by reading them back with TensorBoard's own reader).
+`metrics.jsonl` (tested by reading them back with TensorBoard's own reader).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ _EVENT_GLOB = "events.out.tfevents.*"
 
 
 class TensorBoardWriter:
-    """Writes ``metrics.jsonl`` records as TensorBoard scalars into ``logdir``."""
+    """Writes `metrics.jsonl` records as TensorBoard scalars into `logdir`."""
 
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter
@@ -55,7 +55,7 @@ class TensorBoardWriter:
         )
 
     def write(self, record: Mapping[str, Any]) -> None:
-        """Adds the scalars of one ``metrics.jsonl`` record and flushes them to disk."""
+        """Adds the scalars of one `metrics.jsonl` record and flushes them to disk."""
         split, step = record["split"], int(record["step"])
         for key, name in SCALARS.get(split, {}).items():
             if key in record and record[key] is not None:
@@ -113,15 +113,15 @@ def _frame(body: bytes) -> bytes:
 
 
 def event_files(logdir: str) -> list[str]:
-    """The TensorBoard event files directly in ``logdir``, oldest first."""
+    """The TensorBoard event files directly in `logdir`, oldest first."""
     return sorted(glob.glob(os.path.join(logdir, _EVENT_GLOB)))
 
 
 def truncate_events_after(logdir: str, step: int) -> int:
-    """Drops every summary event with ``step > step`` from the event files in ``logdir``.
+    """Drops every summary event with `step > step` from the event files in `logdir`.
 
-    Call it where a restored run truncates ``metrics.jsonl`` (the loop does, right after
-    ``MetricsLog.truncate_after``). Files are rewritten atomically (temporary file +
+    Call it where a restored run truncates `metrics.jsonl` (the loop does, right after
+    `MetricsLog.truncate_after`). Files are rewritten atomically (temporary file +
     rename); a torn last record is dropped too. Returns the number of events dropped.
     """
     from tensorboardX.proto.event_pb2 import Event
@@ -151,9 +151,9 @@ def truncate_events_after(logdir: str, step: int) -> int:
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), ...]}`` from the event files in ``logdir`` (no TensorBoard).
+    """`{tag: [(step, value), ...]}` from the event files in `logdir` (no TensorBoard).
 
-    For notebooks and quick checks; ``tensorboard --logdir`` is the real viewer.
+    For notebooks and quick checks; `tensorboard --logdir` is the real viewer.
     """
     from tensorboardX.proto.event_pb2 import Event
 

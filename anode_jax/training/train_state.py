@@ -18,8 +18,8 @@ from anode_jax.training.configs import block_type
 class TrainState:
     """Everything a train step reads and writes; a plain pytree of arrays.
 
-    ``rng`` is raw uint32 key data (checkpoint-friendly); the step derives its key as
-    ``fold_in(wrap_key_data(rng), step)``.
+    `rng` is raw uint32 key data (checkpoint-friendly); the step derives its key as
+    `fold_in(wrap_key_data(rng), step)`.
     """
 
     step: jax.Array
@@ -54,7 +54,7 @@ def model_kwargs(config) -> dict[str, Any]:
 
 
 def build_model(config, num_classes: int):
-    """``config.model`` -> flax module via :func:`anode_jax.models.create_model`."""
+    """`config.model` -> flax module via `anode_jax.models.create_model`."""
     from anode_jax.models import create_model
 
     kwargs = model_kwargs(config)
@@ -65,11 +65,11 @@ def build_model(config, num_classes: int):
 def make_lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     """Learning rate as a function of the step count (an optax schedule, float32).
 
-    ``step``: ``optax.piecewise_constant_schedule``, multiplying by ``lr_gamma`` at each
-    epoch in ``lr_milestones`` (paper: 0.1, /10 at epoch 150, /100 at 250); ``cosine``:
-    ``optax.warmup_cosine_decay_schedule`` / ``cosine_decay_schedule`` to 0 at the end of
-    the run; ``constant``. ``warmup_epochs`` adds a linear warmup from
-    ``learning_rate / warmup_steps`` (for ``step`` and ``constant`` it scales the schedule,
+    `step`: `optax.piecewise_constant_schedule`, multiplying by `lr_gamma` at each
+    epoch in `lr_milestones` (paper: 0.1, /10 at epoch 150, /100 at 250); `cosine`:
+    `optax.warmup_cosine_decay_schedule` / `cosine_decay_schedule` to 0 at the end of
+    the run; `constant`. `warmup_epochs` adds a linear warmup from
+    `learning_rate / warmup_steps` (for `step` and `constant` it scales the schedule,
     so the milestones stay at absolute epochs).
     """
     o = config.optim
@@ -112,7 +112,7 @@ def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTrans
     """Trace optax internals under standard dtype promotion.
 
     optax 0.2.x mixes int32 step counts with Python floats (e.g. Adam's bias correction
-    ``b1 ** count``), which ``jax_numpy_dtype_promotion="strict"`` rejects; the model and
+    `b1 ** count`), which `jax_numpy_dtype_promotion="strict"` rejects; the model and
     our own code stay under whatever promotion mode is active.
     """
 
@@ -148,7 +148,7 @@ def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransforma
 def create_train_state(
     model, tx: optax.GradientTransformation, seed: int, image_shape: tuple[int, ...]
 ) -> TrainState:
-    """Initialize parameters and optimizer state from ``seed`` (pure function)."""
+    """Initialize parameters and optimizer state from `seed` (pure function)."""
     root = jax.random.key(seed)
     init_key, data_key = jax.random.split(root)
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
