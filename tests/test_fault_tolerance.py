@@ -371,6 +371,7 @@ def test_eval_only_also_needs_the_lock(tmp_path):
 
 def test_an_unwritable_metrics_file_is_one_line_and_frees_the_lock(tmp_path):
     (tmp_path / "metrics.jsonl").mkdir()  # any OSError on the metrics file (root ignores modes)
+    (tmp_path / "checkpoints").mkdir()  # a run of ours (else the workdir check refuses it first)
     with pytest.raises(CheckpointWriteError) as e:
         train_and_evaluate(tiny_digits(num_epochs=1), str(tmp_path))
     assert str(e.value) == (
