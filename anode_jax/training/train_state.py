@@ -86,9 +86,9 @@ def make_lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
         ramp = None
     else:
         if o.schedule == "step":
-            boundaries = {
-                int(round(m * steps_per_epoch)): float(o.lr_gamma) for m in o.lr_milestones
-            }
+            # A milestone after the last step never fires (and may not fit the int32 count).
+            steps = [int(round(m * steps_per_epoch)) for m in o.lr_milestones]
+            boundaries = {s: float(o.lr_gamma) for s in steps if s <= total}
             inner = optax.piecewise_constant_schedule(base, boundaries)
         elif o.schedule == "constant":
             inner = optax.constant_schedule(base)
