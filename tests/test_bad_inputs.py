@@ -33,6 +33,7 @@ from anode_jax.training import (
     check_workdir,
     divergence_hints,
     get_config,
+    make_lr_schedule,
     validate_config,
 )
 from tests._training_helpers import PY, REPO, subprocess_env
@@ -150,6 +151,16 @@ def test_out_of_range_numbers_are_refused(key, value, pattern):
     with pytest.raises(ConfigError, match=pattern) as e:
         validate_config(bad(key, value), num_devices=1)
     assert f"config.{key}={value}" in one_line_error(e)
+
+
+def test_a_milestone_beyond_the_run_never_fires():
+    c = get_config("cifar10")  # lr 0.1, x0.1 at each milestone
+    c.optim.lr_milestones = (150, 1e12)  # the second one is far beyond int32 steps
+    validate_config(c, num_devices=1)
+    sched = make_lr_schedule(c, steps_per_epoch=10)
+    np.testing.assert_allclose(
+        [float(sched(s)) for s in (0, 1500, 3499)], [0.1, 0.01, 0.01], rtol=1e-6
+    )
 
 
 def test_padding_bound_follows_the_dataset():
