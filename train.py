@@ -66,8 +66,7 @@ def _config_file(argv):
 
 def check_command_line(argv):
     """Problems absl would report in several lines, or only after loading: one line each."""
-    from anode_jax.training import check_known_keys, check_override
-    from anode_jax.training.errors import ConfigError
+    from anode_jax.training import ConfigError, check_known_keys, check_override
 
     path = _config_file(argv)
     if path is not None and not os.path.isfile(path):

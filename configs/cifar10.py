@@ -2,11 +2,11 @@
 
     python train.py --config=configs/cifar10.py:resnet4-anode --workdir=runs/cifar10_resnet4_anode
 
-A thin wrapper over ``anode_jax.training.get_config("cifar10", "MODEL-METHOD")``; the recipe,
-the models and methods are documented in ``anode_jax/training/configs.py``.
+A thin wrapper over `anode_jax.training.get_config("cifar10", "MODEL-METHOD")`; the recipe,
+the models and methods are documented in `anode_jax/training/configs.py`.
 """
 
-from anode_jax.training.configs import get_config as _get_config
+from anode_jax.training import get_config as _get_config
 
 
 def get_config(arg=None):

@@ -2,11 +2,11 @@
 
     python train.py --config=configs/default.py --workdir=runs/default
 
-A thin wrapper: the config lives in the package (``anode_jax.training.get_config("default")``),
+A thin wrapper: the config lives in the package (`anode_jax.training.get_config("default")`),
 so notebooks and scripts outside a checkout build the same one.
 """
 
-from anode_jax.training.configs import get_config as _get_config
+from anode_jax.training import get_config as _get_config
 
 
 def get_config(arg=None):

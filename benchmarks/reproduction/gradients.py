@@ -371,8 +371,7 @@ def network_gradients(
     import jax.numpy as jnp
     import optax
 
-    from anode_jax.data import load_dataset
-    from anode_jax.data.augment import normalize
+    from anode_jax.data import load_dataset, normalize
     from anode_jax.training import build_model
 
     results = {}

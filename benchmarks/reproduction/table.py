@@ -275,7 +275,7 @@ def bn_check(
     import jax.numpy as jnp
     import ml_collections
 
-    from anode_jax.data.augment import normalize
+    from anode_jax.data import normalize
     from anode_jax.training import restore
 
     out = {}
