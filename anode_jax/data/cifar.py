@@ -13,7 +13,7 @@ Local layouts (`data.dir` may name the layout folder itself or a folder holding 
 * CIFAR-100 binary version `cifar-100-binary/`: `train.bin`, `test.bin`; records of
   coarse label byte + fine label byte + 3072 pixel bytes.
 
-Pickles are read with `anode_jax.data.safe_pickle.safe_load`, never plain pickle.
+Pickles are read with `anode_jax.data.safe_load`, never plain pickle.
 """
 
 from __future__ import annotations

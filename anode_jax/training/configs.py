@@ -11,7 +11,7 @@ the same config:
     get_config("cifar10:resnet4-anode")     # the same, in the command-line spelling
 
 `base_config` is the one base every named config starts from (big_vision style); its key
-set is also the schema `anode_jax.training.config_validation.validate_config` checks
+set is also the schema `anode_jax.training.validate_config` checks
 against, so a config can never carry a key the trainer silently ignores.
 
 `default`: the `small` ANODE network on scikit-learn's 8x8 digits (offline, no download:
