@@ -268,7 +268,7 @@ def check_override(key: str, text: str) -> None:
     Ranges are checked later, on the parsed config; `key` must be known."""
     f = FIELDS[key]
     t = text.strip()
-    if f.kind == "int" and not re.fullmatch(r"[+-]?[0-9]+", t):
+    if f.kind == "int" and not re.fullmatch(r"[+-]?[0-9](_?[0-9])*", t):
         raise ConfigError(f"config.{key}={text!r} must be {f.describe()}")
     if f.kind == "float":
         try:
