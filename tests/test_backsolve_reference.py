@@ -1,4 +1,4 @@
-""""backsolve" pinned against independent implementations of the same algorithm.
+""" "backsolve" pinned against independent implementations of the same algorithm.
 
 The Neural ODE adjoint (Chen et al. 2018, Eq. 4-5, Alg. 1) integrates the augmented system
     dy/dt = f(t, y, θ),  da/dt = -aᵀ ∂f/∂y,  dg/dt = -aᵀ ∂f/∂θ
@@ -98,7 +98,11 @@ def test_backsolve_matches_hand_written_reverse_adjoint(x64, solver, num_steps, 
 @pytest.mark.parametrize("t0,t1", INTERVALS)
 @pytest.mark.parametrize(
     "solver,diffrax_solver,num_steps",
-    [("euler", diffrax.Euler(), 6), ("midpoint", diffrax.Midpoint(), 4), ("heun", diffrax.Heun(), 5)],
+    [
+        ("euler", diffrax.Euler(), 6),
+        ("midpoint", diffrax.Midpoint(), 4),
+        ("heun", diffrax.Heun(), 5),
+    ],
 )
 def test_backsolve_matches_diffrax_backsolve_adjoint(
     x64, solver, diffrax_solver, num_steps, t0, t1

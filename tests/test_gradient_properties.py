@@ -19,10 +19,15 @@ from anode_jax import odeint
 from tests._ode_problems import smooth_field, smooth_problem
 from tests.conftest import tree_allclose
 
-# (t0, t1): forwards from a non-zero start, backwards across zero, backwards from a non-zero
-# start to a non-zero end.
-INTERVALS = [(0.2, 1.3), (1.0, -0.5), (1.7, 0.4)]
-RUNGE_KUTTA_STRATEGIES = ["anode", "checkpointed:1", "checkpointed:2", "checkpointed:3", "checkpointed:8"]
+# (t0, t1): forwards from a non-zero start, backwards across zero.
+INTERVALS = [(0.2, 1.3), (1.0, -0.5)]
+RUNGE_KUTTA_STRATEGIES = [
+    "anode",
+    "checkpointed:1",
+    "checkpointed:2",
+    "checkpointed:3",
+    "checkpointed:8",
+]
 REVERSIBLE_SOLVERS = ["reversible:rk4", "reversible_heun", "alf"]
 NUM_STEPS = 5
 
@@ -45,6 +50,7 @@ def _loss(t0, t1, num_steps, solver, adjoint, unroll):
     return loss
 
 
+@functools.cache  # "direct" is the reference of many tests: compile it once per problem
 def _grad(t0, t1, num_steps, solver, adjoint, unroll):
     y0, args = smooth_problem(jax.random.PRNGKey(11))
     loss = _loss(t0, t1, num_steps, solver, adjoint, unroll)
@@ -90,7 +96,7 @@ def test_runge_kutta_strategies_away_from_zero_and_backwards(x64, adjoint, t0, t
 
 
 @pytest.mark.parametrize("unroll", [False, True], ids=["looped", "unrolled"])
-@pytest.mark.parametrize("t0,t1", INTERVALS[:2])
+@pytest.mark.parametrize("t0,t1", INTERVALS)
 @pytest.mark.parametrize("adjoint", ["anode", "checkpointed:3"])
 def test_long_solves_away_from_zero_and_backwards(x64, adjoint, t0, t1, unroll):
     # Above DEFAULT_MAX_UNROLL (16) steps the unrolled "anode" reverses step by step instead of

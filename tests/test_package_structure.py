@@ -48,9 +48,7 @@ def _source_files():
         yield str(rel), _module_name(path), path, path.read_text()
     for path in sorted((REPO / "notebooks").glob("*.ipynb")):
         cells = json.loads(path.read_text())["cells"]
-        code = "\n".join(
-            "".join(c["source"]) for c in cells if c["cell_type"] == "code"
-        )
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
         # IPython magics and shell escapes are not Python.
         code = "\n".join(
             line for line in code.splitlines() if not line.lstrip().startswith(("%", "!"))
