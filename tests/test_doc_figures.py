@@ -74,5 +74,7 @@ def test_quoted_figures_are_generated(path):
 def test_default_run_result_meets_the_documented_target():
     doc = json.loads((REPO / "docs" / "default_run.json").read_text())
     assert doc["machine"]["cpu_model"] and "avx512" in doc["machine"] and doc["date"]
+    # docs/benchmarks.md: "target >= 97 % met, aim >= 98.5 % met" for the recorded runs
     for run in doc["runs"]:
         assert run["final_test_accuracy"] >= doc["target_test_accuracy"] == 0.97, run
+        assert run["final_test_accuracy"] >= 0.985, run
