@@ -209,6 +209,27 @@ def test_cifar100_python_and_binary(tmp_path):
     assert load_dataset("cifar100", str(tmp_path / "p")).class_names[3] == "f3"
 
 
+# The ANODE paper's CIFAR recipe, from its reference code (github.com/amirgholami/anode,
+# train.py: `transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))`, RGB
+# order, on pixels scaled to [0, 1]); configs/cifar10.py and configs/cifar100.py document it.
+# Written out here, not imported: a changed or swapped constant must fail.
+ANODE_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+ANODE_CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def test_cifar_normalization_is_the_anode_recipe(tmp_path, small10):
+    train, test = small10
+    write_cifar10_python(tmp_path / "10", train, test)
+    write_cifar100_python(tmp_path / "100", (train[0][0], train[0][1]), test)
+    for name in ("cifar10", "cifar100"):
+        ds = load_dataset(name, str(tmp_path / name.removeprefix("cifar")))
+        assert (ds.pixel_scale, ds.mean, ds.std) == (1 / 255, ANODE_CIFAR_MEAN, ANODE_CIFAR_STD)
+        x = ds.test_images[:3]
+        out = preprocess(x, key=None, pixel_scale=ds.pixel_scale, mean=ds.mean, std=ds.std)
+        expected = (x / 255.0 - np.array(ANODE_CIFAR_MEAN)) / np.array(ANODE_CIFAR_STD)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_missing_files_name_file_and_layout(tmp_path, small10):
     train, test = small10
     d = write_cifar10_python(tmp_path, train, test)

@@ -97,6 +97,15 @@ def start_cli(workdir: Path, env: dict, out: Path) -> subprocess.Popen:
         )
 
 
+def saving_now(workdir: Path) -> bool:
+    """Whether a checkpoint save is in progress (orbax writes into `<step>.orbax-checkpoint-tmp`
+    and renames it when complete)."""
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(
+        p.name.endswith(".orbax-checkpoint-tmp") for p in folder.iterdir()
+    )
+
+
 def wait_until(pred, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
     deadline = time.time() + timeout
     while not pred():
@@ -405,16 +414,20 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(reference, env
                 proc,
                 f"a metrics line at step >= {target}",
             )
-            time.sleep(delay)
+            if i == 1:  # the second kill lands inside an asynchronous save, by construction
+                wait_until(lambda: saving_now(w), proc, "a checkpoint save in progress")
+            else:
+                time.sleep(delay)
             assert proc.poll() is None, "the run ended before it could be killed; make it longer"
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         assert proc.returncode == -signal.SIGKILL
         last_seen = max(r["step"] for r in log.read())
-        saving = any(p.name.endswith("orbax-checkpoint-tmp") for p in (w / "checkpoints").iterdir())
+        saving = saving_now(w)  # orbax's temporary folder left behind: killed mid-save
         moments.append((target, round(delay, 3), last_seen, steps_on_disk(w), saving))
     print("kills (target step, delay s, last line step, checkpoints, mid-save):", moments)
+    assert moments[1][4], f"the second kill missed the save it waited for: {moments}"
     assert last_seen < TOTAL_STEPS
 
     r = run_cli(w, env)

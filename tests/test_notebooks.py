@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+from tests._notebook_numbers import assert_same_key_numbers
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
     "run_notebooks", REPO / "scripts" / "run_notebooks.py"
@@ -118,6 +120,7 @@ def test_notebook_runs_in_a_fresh_venv_outside_the_checkout(path, tmp_path, whee
     site = list((tmp_path / "venv" / "lib").glob("python3*/site-packages/anode_jax"))
     assert len(site) == 1, "anode_jax was installed into the fresh venv"
     assert _has_image(cells[-1]), "each notebook ends in a figure"
+    assert_same_key_numbers(_load(path), run.notebook)  # stored outputs = a fresh run's
     print(f"{path.name}: {run.seconds:.0f} s wall, {run.cpu_seconds:.0f} s kernel CPU")
     assert run.cpu_seconds < CPU_BUDGET_S, (
         f"{path.name} used {run.cpu_seconds:.0f} s of CPU (budget {CPU_BUDGET_S} s: 2 min on 2 cores)"
