@@ -58,7 +58,10 @@ def make_problem():
     sizes = [(2, WIDTH), (WIDTH, WIDTH), (WIDTH, 2)]
     params = []
     for k, (m, n) in zip(keys, sizes):
-        params += [jax.random.normal(k, (m, n), jnp.float32) / np.sqrt(m), jnp.zeros(n, jnp.float32)]
+        params += [
+            jax.random.normal(k, (m, n), jnp.float32) / np.sqrt(m),
+            jnp.zeros(n, jnp.float32),
+        ]
     y0 = jax.random.normal(keys[3], (BATCH, 2), jnp.float32)
     return tuple(params), y0
 
@@ -125,7 +128,7 @@ def make_grad(solve, target):
     return jax.grad(loss)
 
 
-def run(outputs, steps, repeats):
+def run(outputs, steps, repeats, max_direct_steps):
     params, y0 = make_problem()
     rows, load = [], [os.getloadavg()[0]]
     for n in outputs:
@@ -134,6 +137,8 @@ def run(outputs, steps, repeats):
         for num_steps in steps:
             cases = {}
             for name in [s[0] for s in STRATEGIES] + DIFFRAX:
+                if "direct" in name and n * num_steps > max_direct_steps:
+                    continue  # every step's internals: GBs at this size; not run
                 grad = make_grad(make_solve(name, ts, num_steps), target)
                 temp, compile_s, compiled = _common.compiled_temp_bytes(grad, params, y0)
                 jax.block_until_ready(compiled(params, y0))  # warm-up
@@ -243,6 +248,12 @@ def main():
     parser.add_argument("--outputs", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max_direct_steps",
+        type=int,
+        default=1000,
+        help="skip the direct rows above this many steps in all",
+    )
     args = parser.parse_args()
     import jaxlib
 
@@ -250,7 +261,7 @@ def main():
         _common.machine(), cpu_model=cpu_model(), jaxlib=jaxlib.__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
     )  # fmt: skip
-    rows, load = run(args.outputs, args.steps, args.repeats)
+    rows, load = run(args.outputs, args.steps, args.repeats, args.max_direct_steps)
     saving = [saving_overhead(n, max(args.repeats, 5)) for n in (16, 64)]
     load.append(os.getloadavg()[0])
     payload = dict(machine=machine, repeats=args.repeats, load=load, rows=rows, saving=saving)

@@ -20,10 +20,11 @@ ones) re-initialise it at every output time (`solver.init`, `solver.output` per 
 
 from __future__ import annotations
 
-import numpy as np
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from anode_jax._typing import PyTree, VectorField
@@ -41,6 +42,8 @@ class _Normalised:
 
     def __init__(self, vector_field: VectorField):
         self.vector_field = vector_field
+        # Warnings that name the vector field (the loop policy's) name the user's field.
+        self.__qualname__ = getattr(vector_field, "__qualname__", type(vector_field).__name__)
 
     def __call__(self, s, y, packed):
         args, a, b = packed
@@ -60,9 +63,7 @@ def _interval(vector_field, y, args, a, b, options) -> PyTree:
 
 def _scalar_time(name: str, value):
     """A traced or concrete scalar time as a time-dtype array; errors name the argument."""
-    if isinstance(value, bool) or not hasattr(value, "dtype") and not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
+    if isinstance(value, bool) or not (hasattr(value, "dtype") or isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real scalar, got {type(value).__name__}.")
     if np.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
@@ -104,8 +105,8 @@ def check_ts(ts):
         if not (np.all(steps > 0) or np.all(steps < 0)):
             bad = int(np.flatnonzero(steps * np.sign(steps[0]) <= 0)[0]) if steps[0] else 0
             raise ValueError(
-                "ts must be strictly increasing or strictly decreasing; ts[{0}] = {1} and "
-                "ts[{2}] = {3} break the order.".format(bad, values[bad], bad + 1, values[bad + 1])
+                f"ts must be strictly increasing or strictly decreasing; ts[{bad}] = "
+                f"{values[bad]} and ts[{bad + 1}] = {values[bad + 1]} break the order."
             )
     return jnp.asarray(ts).astype(_loop.time_dtype())
 
