@@ -141,7 +141,6 @@ def run(outputs, steps, repeats, max_direct_steps):
                     continue  # every step's internals: GBs at this size; not run
                 grad = make_grad(make_solve(name, ts, num_steps), target)
                 temp, compile_s, compiled = _common.compiled_temp_bytes(grad, params, y0)
-                jax.block_until_ready(compiled(params, y0))  # warm-up
                 cases[name] = dict(temp=temp, compile_s=compile_s, compiled=compiled, times=[])
                 print(f"n={n} N={num_steps} {name}: compiled {compile_s:.1f} s, "
                       f"temp {temp / 2**20:.2f} MiB", flush=True)  # fmt: skip
