@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anode_jax._typing import PyTree, VectorField
-from anode_jax.ode import _loop, _policy
+from anode_jax.ode import _loop, _policy, _times
 from anode_jax.ode._registry import get_solver
 from anode_jax.ode._solvers import AbstractSolver
 from anode_jax.ode.adjoints import AbstractAdjoint, SolveSpec, get_adjoint
@@ -20,14 +20,15 @@ def odeint(
     y0: PyTree,
     args: PyTree = None,
     *,
-    t0: float = 0.0,
-    t1: float = 1.0,
+    t0: float | jax.Array | None = None,
+    t1: float | jax.Array | None = None,
+    ts: jax.Array | None = None,
     num_steps: int,
     solver: str | AbstractSolver = "rk4",
     adjoint: str | AbstractAdjoint = "anode",
     unroll: bool | int | None = None,
 ) -> PyTree:
-    """Solves y' = vector_field(t, y, args), y(t0) = y0, and returns y(t1).
+    """Solves y' = vector_field(t, y, args), y(t0) = y0; returns y(t1), or y at every entry of `ts`.
 
     A neural ODE block z(1) = z(0) + ∫₀¹ f(z(t), θ) dt (Gholami et al. 2019, Eq. 1; Chen et al.
     2018, Eq. 1) is `odeint(f, z0, theta, num_steps=Nt)`. With solver="euler" and num_steps=1
@@ -40,22 +41,45 @@ def odeint(
       args: parameters, any pytree of arrays; gradients flow to its floating-point leaves.
         Traced values that `vector_field` captures by closure are supported too: they are hoisted
         into the differentiated inputs (closure conversion), so every strategy sees them.
-      t0, t1: static Python numbers, t1 != t0 (t1 < t0 integrates backwards).
-      num_steps: Nt >= 1 fixed steps of size (t1 - t0) / Nt.
+      t0, t1: the interval (defaults 0 and 1; t1 < t0 integrates backwards). Python numbers
+        (t1 != t0) take the fixed-grid path; traced scalars (under `jit`, `vmap`, `grad`) are
+        solved on [0, 1] by time normalisation (docs/core.md, "Many output times and times as
+        data"): the same discrete map up to rounding, differentiable with respect to t0 and t1.
+      ts: output times instead of t0/t1: a 1-D floating array of static length n >= 2,
+        strictly increasing or decreasing (checked when concrete; traced values are not
+        checked), values possibly traced; ts[0] is the initial time. Each interval
+        [ts[i], ts[i+1]] takes `num_steps` steps, so steps land on every output time (as
+        diffrax's `SaveAt(ts=ts)` with `StepTo` on that grid; torchdiffeq's fixed-grid
+        solvers take one step per interval of its time vector by default, num_steps=1 here).
+      num_steps: Nt >= 1 fixed steps of size (t1 - t0) / Nt (per interval of `ts`).
       solver: "euler", "midpoint" (RK2), "heun", "rk4", any explicit ButcherTableau, or
         another AbstractSolver.
       adjoint: gradient strategy: "anode" (default: exact, O(L)+O(Nt) memory), "direct",
         "checkpointed:K" / Checkpointed(K) (exact, at most K states of a block), or "backsolve"
-        (Neural ODE adjoint; approximate, baseline only).
+        (Neural ODE adjoint; approximate, baseline only). With `ts`, every strategy runs per
+        interval inside one `lax.scan` and also stores the n outputs.
       unroll: unroll the time loop (True), loop with `lax.scan` (False: program size and compile
         time independent of Nt), unroll up to n steps (int), or None (default): loop, except
         for vector fields with plain `lax.conv_general_dilated` on CPU, which unroll up to 16
         steps with a one-time warning (their gradient is slow in a loop there; use
-        `anode_jax.nn.conv_general_dilated`). See docs/core.md, "Loop policy".
+        `anode_jax.nn.conv_general_dilated`). See docs/core.md, "Loop policy". The intervals of
+        `ts` always loop (compile time independent of n).
 
     Returns:
-      y(t1), with y0's structure.
+      y(t1), with y0's structure; with `ts`, y0's structure with a leading axis of length n on
+      every leaf (entry 0 is y0).
+
+    Raises:
+      TypeError: `ts` together with `t0`/`t1`; `ts` not a floating array; a non-floating
+        traced time.
+      ValueError: `ts` not 1-D with n >= 2, not finite or not strictly monotone (concrete);
+        static t1 == t0; plus the errors listed in docs/core.md, "Errors".
     """
+    if ts is not None or _times.is_traced(t0) or _times.is_traced(t1):
+        return _times.odeint_times(
+            vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps, solver=solver,
+            adjoint=adjoint, unroll=unroll,
+        )  # fmt: skip
     if not callable(vector_field):
         raise TypeError(
             f"vector_field must be callable f(t, y, args), got {type(vector_field).__name__}."
@@ -64,8 +88,8 @@ def odeint(
     strategy = get_adjoint(adjoint)
     strategy.check_solver(solver)
     num_steps = _check_num_steps(num_steps)
-    t0 = _check_time("t0", t0)
-    t1 = _check_time("t1", t1)
+    t0 = _check_time("t0", 0.0 if t0 is None else t0)
+    t1 = _check_time("t1", 1.0 if t1 is None else t1)
     if t1 == t0:
         raise ValueError(f"t1 must differ from t0 (both are {t0}); nothing would be integrated.")
     if unroll is not None and not isinstance(unroll, (bool, int)):
@@ -117,11 +141,6 @@ def _check_num_steps(num_steps) -> int:
 
 
 def _check_time(name: str, value) -> float:
-    if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"{name} must be a static Python number, got a traced value; the step grid is fixed "
-            "at trace time (mark it static in jit, or close over a Python float)."
-        )
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
     if np.ndim(value) != 0:

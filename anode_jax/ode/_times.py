@@ -1,0 +1,150 @@
+"""Times as data: the solution at many output times `ts`, and traced `t0`, `t1`, `ts`.
+
+Built on the fixed-interval engine by *time normalisation*. The interval [a, b] is solved on
+s ∈ [0, 1] for the field
+
+    g(s, y, (args, a, b)) = (b − a) · f(a + s (b − a), y, args),
+
+with the static step 1/N. One Runge–Kutta step of size 1/N on g is the step of size
+h = (b − a)/N on f (y + (1/N) Σ b_i (b − a) k_i = y + h Σ b_i k_i, stage times
+a + (n + c_i) h), so y is the same discrete map up to the order of rounding. Because a and b
+travel in `args`, every gradient strategy differentiates with respect to them exactly (backsolve
+approximately) without knowing about times, and the compiled program does not depend on their
+values.
+
+Many output times: one `lax.scan` over the intervals [ts[i], ts[i+1]], whose body is the solve
+of one interval with the chosen strategy and `num_steps` steps. Each interval is one `odeint`
+call started from the previous output: solvers that carry an auxiliary state (the reversible
+ones) re-initialise it at every output time (`solver.init`, `solver.output` per interval).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from anode_jax._typing import PyTree, VectorField
+from anode_jax.ode import _loop
+from anode_jax.ode import _odeint as _odeint_module
+
+
+def is_traced(value) -> bool:
+    """Whether a time argument is a JAX tracer (under `jit`, `vmap`, `grad`)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+class _Normalised:
+    """g(s, y, (args, a, b)) = (b − a) f(a + s (b − a), y, args): [a, b] mapped onto [0, 1]."""
+
+    def __init__(self, vector_field: VectorField):
+        self.vector_field = vector_field
+        # Warnings that name the vector field (the loop policy's) name the user's field.
+        self.__qualname__ = getattr(vector_field, "__qualname__", type(vector_field).__name__)
+
+    def __call__(self, s, y, packed):
+        args, a, b = packed
+        span = b - a
+        dy = self.vector_field(a + s * span, y, args)
+        # The scale takes each output leaf's dtype (bfloat16 states stay bfloat16 under strict
+        # promotion; a wrong output dtype still reaches odeint's own check).
+        return jax.tree.map(lambda leaf: leaf * span.astype(jnp.result_type(leaf)), dy)
+
+
+def _interval(vector_field, y, args, a, b, options) -> PyTree:
+    """y(b) from y(a) = y: one normalised fixed-interval solve."""
+    return _odeint_module.odeint(
+        _Normalised(vector_field), y, (args, a, b), t0=0.0, t1=1.0, **options
+    )
+
+
+def _scalar_time(name: str, value):
+    """A traced or concrete scalar time as a time-dtype array; errors name the argument."""
+    if isinstance(value, bool) or not (hasattr(value, "dtype") or isinstance(value, numbers.Real)):
+        raise TypeError(f"{name} must be a real scalar, got {type(value).__name__}.")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}.")
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point scalar, got dtype {dtype}; an integer time "
+            "has no gradient (cast it, e.g. jnp.float32)."
+        )
+    return jnp.asarray(value).astype(_loop.time_dtype())
+
+
+def check_ts(ts):
+    """ts as a 1-D time-dtype array of static length >= 2; concrete values must be finite and
+    strictly monotone (traced values cannot be inspected at trace time and are not checked)."""
+    if isinstance(ts, (list, tuple)):
+        ts = np.asarray(ts, dtype=np.float64)
+    dtype = getattr(ts, "dtype", None)
+    if dtype is None:
+        raise TypeError(
+            f"ts must be a 1-D floating-point array of output times, got {type(ts).__name__}."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"ts must be a floating-point array, got dtype {dtype}; cast it, e.g. "
+            "jnp.asarray(ts, jnp.float32)."
+        )
+    shape = np.shape(ts)
+    if len(shape) != 1 or shape[0] < 2:
+        raise ValueError(
+            f"ts must be a 1-D array of at least 2 times (ts[0] is the initial time), got shape "
+            f"{shape}; for per-sample grids of shape (batch, n) use jax.vmap over samples."
+        )
+    if not is_traced(ts):
+        values = np.asarray(ts, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"ts must be finite, got {values}.")
+        steps = np.diff(values)
+        if not (np.all(steps > 0) or np.all(steps < 0)):
+            bad = int(np.flatnonzero(steps * np.sign(steps[0]) <= 0)[0]) if steps[0] else 0
+            raise ValueError(
+                f"ts must be strictly increasing or strictly decreasing; ts[{bad}] = "
+                f"{values[bad]} and ts[{bad + 1}] = {values[bad + 1]} break the order."
+            )
+    return jnp.asarray(ts).astype(_loop.time_dtype())
+
+
+def odeint_times(
+    vector_field: VectorField,
+    y0: PyTree,
+    args: PyTree,
+    *,
+    t0,
+    t1,
+    ts,
+    num_steps: int,
+    solver,
+    adjoint,
+    unroll,
+) -> PyTree:
+    """`odeint` for traced `t0`/`t1` (returns y(t1)) or output times `ts` (returns y at every
+    entry of `ts`, stacked on a new leading axis; entry 0 is y0)."""
+    if not callable(vector_field):
+        raise TypeError(
+            f"vector_field must be callable f(t, y, args), got {type(vector_field).__name__}."
+        )
+    options = dict(num_steps=num_steps, solver=solver, adjoint=adjoint, unroll=unroll)
+    if ts is None:
+        a = _scalar_time("t0", 0.0 if t0 is None else t0)
+        b = _scalar_time("t1", 1.0 if t1 is None else t1)
+        return _interval(vector_field, y0, args, a, b, options)
+    if t0 is not None or t1 is not None:
+        raise TypeError(
+            "odeint takes either t0=/t1= (returns y(t1)) or ts= (returns y at every entry of "
+            "ts, with ts[0] the initial time), not both."
+        )
+    ts = check_ts(ts)
+
+    def body(y, interval):
+        y_next = _interval(vector_field, y, args, interval[0], interval[1], options)
+        return y_next, y_next
+
+    _, ys = lax.scan(body, y0, (ts[:-1], ts[1:]))
+    return jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), y0, ys)
