@@ -80,9 +80,7 @@ def _load(block, variables):
         for leaf, value in theta[linen_name].items():
             getattr(layer, leaf)[...] = value
     if "q" in variables["params"]:
-        block.q_params.set_value(
-            {_NAMES[k]: v for k, v in variables["params"]["q"].items()}
-        )
+        block.q_params.set_value({_NAMES[k]: v for k, v in variables["params"]["q"].items()})
     stats = variables["batch_stats"]
     block.stats.set_value(
         {
@@ -226,9 +224,7 @@ def test_field_without_state_and_stage_times_of_the_field():
     assert block.stats is None
     from anode_jax.ode import odeint
 
-    want = odeint(
-        lambda t, y, w: (1.0 + t) * y @ w, y0, field.w[...], num_steps=4, solver="rk4"
-    )
+    want = odeint(lambda t, y, w: (1.0 + t) * y @ w, y0, field.w[...], num_steps=4, solver="rk4")
     chex.assert_trees_all_close(block(y0), want, rtol=1e-6, atol=1e-6)
 
 

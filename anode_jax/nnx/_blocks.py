@@ -74,7 +74,7 @@ def _batch_norms(field: nnx.Module) -> list[tuple[tuple, nnx.BatchNorm]]:
 
 
 def _norm_mode(norms: list[tuple[tuple, nnx.BatchNorm]]) -> str | None:
-    """"train" / "eval" from the BatchNorms' `use_running_average`; None without BatchNorm."""
+    """ "train" / "eval" from the BatchNorms' `use_running_average`; None without BatchNorm."""
     if not norms:
         return None
     flags = {bool(bn.use_running_average) for _, bn in norms if bn.use_running_average is not None}
@@ -122,9 +122,7 @@ class _PureField:
         # function of the stream's state and t.
         bits = _time_bits(t)
         params, stats = jax.tree.map(lambda a: a, (params, stats))
-        rest = jax.tree.map(
-            lambda a: jax.random.fold_in(a, bits) if _is_key(a) else a, rest
-        )
+        rest = jax.tree.map(lambda a: jax.random.fold_in(a, bits) if _is_key(a) else a, rest)
         field = nnx.merge(self.graphdef, params, stats, rest)
         if self.mode == "train":
             for _, node in nnx.iter_graph(field):
