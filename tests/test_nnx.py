@@ -30,10 +30,17 @@ def _normal(seed, shape, dtype=jnp.float32):
 
 
 class ResNetField(nnx.Module):
-    """NNX twin of `models.ResNetVectorField(C, "batch", "lax")`: conv–BN–ReLU twice."""
+    """NNX twin of `models.ResNetVectorField(C, "batch")`: conv–BN–ReLU twice, with the
+    loop-safe convolution of `anode_jax.nn` (solves loop on CPU without a slow gradient)."""
 
     def __init__(self, channels, *, dropout=0.0, dtype=jnp.float32, rngs):
-        kw = dict(padding="SAME", use_bias=False, param_dtype=dtype, rngs=rngs)
+        kw = dict(
+            padding="SAME",
+            use_bias=False,
+            param_dtype=dtype,
+            conv_general_dilated=anx.conv_general_dilated,
+            rngs=rngs,
+        )
         bn = dict(use_fast_variance=False, epsilon=1e-5, param_dtype=dtype, rngs=rngs)
         self.conv1 = nnx.Conv(channels, channels, (3, 3), **kw)
         self.bn1 = nnx.BatchNorm(channels, **bn)
@@ -51,7 +58,7 @@ _NAMES = {"Conv_0": "conv1", "BatchStatNorm_0": "bn1", "Conv_1": "conv2", "Batch
 
 
 def _linen_block(kind, **kw):
-    vf = models.ResNetVectorField(C, "batch", "lax", parent=None)
+    vf = models.ResNetVectorField(C, "batch", parent=None)
     if kind == "ode":
         return models.ODEBlock(vf, **kw)
     return models.CoupledODEBlock(vf, q=kind, **kw)
