@@ -30,8 +30,14 @@ sys.modules["run_notebooks"] = run_notebooks  # dataclasses look their module up
 _spec.loader.exec_module(run_notebooks)
 
 NOTEBOOKS = run_notebooks.notebooks()
-EXPECTED = {"quickstart", "core_gradients", "backsolve_vs_anode", "anodev2_kernels"}
-EXPECTED |= {"spiral_irregular_times"}
+EXPECTED = {
+    "quickstart",
+    "core_gradients",
+    "backsolve_vs_anode",
+    "anodev2_kernels",
+    "nnx_quickstart",
+    "spiral_irregular_times",
+}
 SOURCE_LINE = re.compile(
     r'^ANODE_JAX_SOURCE = os\.environ\.get\(\s*"ANODE_JAX_SOURCE", "([^"]+)"\)', re.M
 )

@@ -34,12 +34,26 @@ def conv_function(conv: str):
     raise ValueError(f"conv must be one of {CONV_NAMES}, got {conv!r}")
 
 
+def _loop_safe_conv_cls():
+    return conv_general_dilated
+
+
+def _lax_conv_cls():
+    return lax.conv_general_dilated
+
+
+# `nn.Conv(conv_general_dilated_cls=c)` calls `c()` for the convolution function; its older
+# field `conv_general_dilated` is marked "Deprecated. Will be removed." by Flax.
+_CONV_CLS = {"loop_safe": _loop_safe_conv_cls, "lax": _lax_conv_cls}
+
+
 def Conv(conv: str, features: int, kernel_size: tuple[int, int], **kwargs: Any) -> nn.Conv:
     """``nn.Conv`` computed by the :data:`CONV_NAMES` implementation ``conv``.
 
     Parameters, their names and the result are those of a plain ``nn.Conv``.
     """
-    return nn.Conv(features, kernel_size, conv_general_dilated=conv_function(conv), **kwargs)
+    conv_function(conv)  # the one error message for a bad name
+    return nn.Conv(features, kernel_size, conv_general_dilated_cls=_CONV_CLS[conv], **kwargs)
 
 
 class ResNetVectorField(nn.Module):
