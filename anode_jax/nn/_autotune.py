@@ -11,7 +11,8 @@ times every candidate once, on first use, and remembers the fastest:
   (under `jit`, `grad`, `scan`, `vmap` alike). The measurement runs at that moment, outside the
   trace (`jax.ensure_compile_time_eval`), on concrete random inputs of the same shape and dtype
   on the default device: each candidate is compiled alone, run once to warm up, then the
-  candidates are timed in interleaved rounds and the median decides. The program being traced
+  candidates are timed in interleaved rounds and the least time of each decides (the least
+  time is the one least disturbed by other processes on a shared machine). The program being traced
   only receives the name of the winner, so a jitted step is measured once per new shape at
   its first compilation and never while it runs.
 * **Where it is kept.** In memory for the process, and on disk in a JSON file per machine:
@@ -40,7 +41,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import tempfile
 import threading
 import time
@@ -210,9 +210,9 @@ def measure(
     args: Sequence[jax.ShapeDtypeStruct],
     *,
     rounds: int = 5,
-    budget_s: float = 20.0,
+    budget_s: float = 10.0,
 ) -> dict[str, float]:
-    """Median seconds of each candidate on random inputs shaped like `args` (failed: absent).
+    """Least seconds of each candidate on random inputs shaped like `args` (failed: absent).
 
     Each candidate is jitted and compiled alone; after one warm-up run each, the candidates run
     in interleaved rounds (so a change of machine load touches all of them alike) until
@@ -244,7 +244,7 @@ def measure(
                 times[name].append(time.perf_counter() - t)
             if time.perf_counter() - start > budget_s:
                 break
-    return {name: statistics.median(ts) for name, ts in times.items() if ts}
+    return {name: min(ts) for name, ts in times.items() if ts}
 
 
 def choose(
