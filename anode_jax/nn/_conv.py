@@ -331,8 +331,11 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, resid
             default=weight_gradient_method(x.shape, w.shape, ct.shape, groups),
             pin_env="ANODE_JAX_CONV_WEIGHT_GRADIENT",
         )
-    dx = _input_grad(input_method, x.shape, ct, w, geometry=geometry, methods=methods)
-    dw = _weight_grad(weight_method, w.shape, x, ct, geometry=geometry, methods=methods)
+    # named scopes: profiles and HLO metadata tell the two gradients apart
+    with jax.named_scope(f"conv_input_grad_{input_method}"):
+        dx = _input_grad(input_method, x.shape, ct, w, geometry=geometry, methods=methods)
+    with jax.named_scope(f"conv_weight_grad_{weight_method}"):
+        dw = _weight_grad(weight_method, w.shape, x, ct, geometry=geometry, methods=methods)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
