@@ -159,6 +159,25 @@ def test_real_measure_times_each_runnable_candidate_and_skips_a_failing_one():
     assert all(s > 0 for s in seconds.values())
 
 
+def test_real_measure_runs_a_clearly_slower_candidate_only_once():
+    # the callback sleeps 0.2 s: far beyond PRUNE_FACTOR × an add's microseconds
+    import time
+
+    calls = []
+
+    def slow(x):
+        def wait(a):
+            calls.append(1)
+            time.sleep(0.2)
+            return a
+
+        return jax.pure_callback(wait, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    seconds = _autotune.measure({"a": CANDIDATES["a"], "slow": slow}, ARGS, rounds=3)
+    assert len(calls) == 1  # the warm-up only
+    assert seconds["slow"] >= 0.2 > _autotune.PRUNE_FACTOR * seconds["a"]
+
+
 # ------------------------------------------------------------------------------------------
 # Through the convolution: measuring at trace time, under jit and inside scan.
 

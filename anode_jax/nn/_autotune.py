@@ -55,6 +55,10 @@ import numpy as np
 AUTOTUNE_MODES = ("on", "off", "cache")
 _MODE_ALIASES = {"1": "on", "true": "on", "0": "off", "false": "off", "": "on"}
 
+#: Candidates whose first run is this many times slower than the fastest one's are not timed
+#: again (see :func:`measure`).
+PRUNE_FACTOR = 3.0
+
 #: CPU flags that decide which kernels XLA and its libraries can use.
 _ISA_FLAGS = (
     "avx2",
@@ -216,17 +220,20 @@ def measure(
 
     Each candidate is jitted and compiled alone; after one warm-up run each, the candidates run
     in interleaved rounds (so a change of machine load touches all of them alike) until
-    `rounds` rounds are done or `budget_s` seconds are spent (at least one timed round).
-    Runs outside any surrounding trace.
+    `rounds` rounds are done or `budget_s` seconds are spent (at least one timed round). A
+    candidate whose warm-up took over `PRUNE_FACTOR`× the fastest warm-up keeps that time and
+    is not run again. Runs outside any surrounding trace.
     """
     with jax.ensure_compile_time_eval():
         rng = np.random.default_rng(0)
         inputs = [jax.device_put(rng.standard_normal(a.shape).astype(a.dtype) * 0.1) for a in args]
-        compiled = {}
+        compiled, warmup = {}, {}
         for name, fn in candidates.items():
             try:
                 exe = jax.jit(fn).lower(*args).compile()
+                t = time.perf_counter()
                 jax.block_until_ready(exe(*inputs))
+                warmup[name] = time.perf_counter() - t
                 compiled[name] = exe
             except Exception as error:  # a formulation that cannot run here is not a choice
                 warnings.warn(
@@ -235,10 +242,19 @@ def measure(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        times: dict[str, list[float]] = {name: [] for name in compiled}
+        # A candidate whose first run took over PRUNE_FACTOR× the fastest first run is not
+        # timed again (its first run stands as its time): it cannot win, and slow
+        # formulations of large layers take seconds per run.
+        fastest = min(warmup.values(), default=0.0)
+        times: dict[str, list[float]] = {
+            name: [] if warmup[name] <= PRUNE_FACTOR * fastest else [warmup[name]]
+            for name in compiled
+        }
         start = time.perf_counter()
         for _ in range(max(rounds, 1)):
             for name, exe in compiled.items():
+                if times[name] and warmup[name] > PRUNE_FACTOR * fastest:
+                    continue
                 t = time.perf_counter()
                 jax.block_until_ready(exe(*inputs))
                 times[name].append(time.perf_counter() - t)
