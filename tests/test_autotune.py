@@ -159,6 +159,21 @@ def test_real_measure_times_each_runnable_candidate_and_skips_a_failing_one():
     assert all(s > 0 for s in seconds.values())
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_real_measure_feeds_inputs_of_the_given_dtype(dtype, recwarn):
+    args = (jax.ShapeDtypeStruct((3, 4), dtype),)
+    seen = []
+
+    def record(x):
+        seen.append(x.dtype)
+        return x * 2
+
+    seconds = _autotune.measure({"a": record, "b": lambda x: x + 1}, args, rounds=1)
+    assert set(seconds) == {"a", "b"}  # neither failed on a dtype mismatch
+    assert seen == [jnp.dtype(dtype)]
+    assert not [w for w in recwarn if "failed" in str(w.message)]
+
+
 def test_real_measure_runs_a_clearly_slower_candidate_only_once():
     # the callback sleeps 0.2 s: far beyond PRUNE_FACTOR × an add's microseconds
     import time
