@@ -317,7 +317,7 @@ def main():
     else:
         diffrax = [] if args.quick else diffrax_rows(state_bytes, repeats)
     final = payload(rows, diffrax, True)
-    _common.write_results("bench_core", final, to_markdown(final))
+    _common.write_results("bench_core", final, to_markdown)
 
 
 def _fmt(value, spec, scale=1.0):
@@ -335,8 +335,7 @@ def to_markdown(payload) -> str:
         + (" --conv=lax" if payload.get("conv") == "lax" else "")
         + "`."
         + ("" if payload.get("complete", True) else " **Partial: the run was interrupted.**"),
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs, backend {m['backend']}; Python "
-        f"{m['python']}, jax {m['jax']}; {m['date']}.",
+        _common.machine_header(m),
         "",
         f"L conv-ReLU ODE blocks (two 3×3 convs, 16 channels; convolution: `{payload.get('conv')}`), "
         "RK4, batch 32×16×16×16 float32. Memory = compiled temp bytes of the gradient, in units "

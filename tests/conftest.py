@@ -4,6 +4,9 @@
   promoting (bfloat16 states must stay bfloat16).
 - float64 only where a test compares gradients to round-off: request the `x64` fixture.
 - Never the network: tensorflow-datasets is told to stay offline.
+- The loop-safe convolution's autotuner neither measures nor touches the user's cache
+  (`ANODE_JAX_AUTOTUNE=off`: its deterministic default rule); tests/test_autotune.py turns
+  it on against a temporary cache directory.
 """
 
 import os
@@ -11,6 +14,9 @@ import os
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), ".tfds_offline"))
 os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")  # headless: notebooks and plots never open windows
+os.environ["ANODE_JAX_AUTOTUNE"] = "off"
+os.environ.pop("ANODE_JAX_CONV_WEIGHT_GRADIENT", None)
+os.environ.pop("ANODE_JAX_CONV_INPUT_GRADIENT", None)
 
 import jax
 import numpy as np

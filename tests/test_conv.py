@@ -17,6 +17,7 @@ import pytest
 from jax import lax
 
 from anode_jax.nn import (
+    INPUT_GRADIENT_METHODS,
     WEIGHT_GRADIENT_METHODS,
     conv_general_dilated,
     is_canonical_conv,
@@ -102,23 +103,25 @@ def _apply(conv, case, x, w, **kwargs):
     return conv(x, w, strides, padding, lhs_dil, rhs_dil, dnums, groups, **kwargs)
 
 
+@pytest.mark.parametrize("input_method", INPUT_GRADIENT_METHODS)
 @pytest.mark.parametrize("method", WEIGHT_GRADIENT_METHODS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_value_and_gradients_match_lax(x64, case, method):
+def test_value_and_gradients_match_lax(x64, case, method, input_method):
+    # every formulation of both gradients (the candidates the autotuner chooses among)
     x, w = _normal(0, case[1]), _normal(1, case[2])
     y_ref, vjp_ref = jax.vjp(lambda x, w: _apply(lax.conv_general_dilated, case, x, w), x, w)
-    y, vjp = jax.vjp(
-        lambda x, w: _apply(conv_general_dilated, case, x, w, weight_gradient=method), x, w
-    )
+    kwargs = dict(weight_gradient=method, input_gradient=input_method)
+    y, vjp = jax.vjp(lambda x, w: _apply(conv_general_dilated, case, x, w, **kwargs), x, w)
     _close(y, y_ref)
     ct = _normal(2, y_ref.shape)
     for got, want in zip(vjp(ct), vjp_ref(ct)):
         _close(got, want)
 
 
-@pytest.mark.parametrize("method", ("conv", "taps"))
+@pytest.mark.parametrize("method", ("conv", "taps", "gemm"))
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[7]], ids=lambda c: c[0])
 def test_second_order_reverse_mode_matches_lax(x64, case, method):
+    input_method = "taps" if method == "gemm" else "conv"
     x, w = _normal(0, case[1]), _normal(1, case[2])
 
     def outer(conv, **kwargs):
@@ -129,7 +132,8 @@ def test_second_order_reverse_mode_matches_lax(x64, case, method):
         return jax.grad(inner, argnums=(0, 1))(x, w)
 
     for got, want in zip(
-        outer(conv_general_dilated, weight_gradient=method), outer(lax.conv_general_dilated)
+        outer(conv_general_dilated, weight_gradient=method, input_gradient=input_method),
+        outer(lax.conv_general_dilated),
     ):
         _close(got, want)
 
@@ -170,6 +174,7 @@ def test_forward_mode_raises_a_clear_error():
         (dict(batch_group_count=2), "batch_group_count"),
         (dict(preferred_element_type=jnp.float32), "preferred_element_type"),
         (dict(weight_gradient="im2col"), r"weight_gradient must be one of \('auto'"),
+        (dict(input_gradient="fft"), r"input_gradient must be one of \('auto', 'conv', 'taps'\)"),
         (dict(lhs_dilation=(2, 2)), "string padding"),
         (dict(window_strides=(1,)), "window_strides must have 2 entries"),
     ],

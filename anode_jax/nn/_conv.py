@@ -12,9 +12,13 @@ reversal) only in the program's entry computation; inside a while body (``lax.sc
 backward is written with explicit transposes around convolutions that are already in the
 canonical layout (``b01f_01io->b01f``), so no pass is needed to make them fast. The
 backward calls :func:`conv_general_dilated` itself, so higher reverse-mode derivatives stay
-canonical too. The weight gradient is computed either as one canonical convolution or as
-one batch-parallel matrix product per kernel tap, chosen by shape
-(:func:`weight_gradient_method`; rule measured in benchmarks/bench_conv.py).
+canonical too. Each gradient has several correct formulations (the weight gradient as one
+canonical convolution, as one batch-parallel matrix product per kernel tap, or as one matrix
+product per tap over batch and pixels together; the input gradient as one canonical
+convolution or as per-tap products); which is fastest depends on the shape and the machine,
+so by default it is chosen by measurement on first use and cached on disk
+(`anode_jax.nn._autotune`; docs/bench_conv.md), with the shape rule
+:func:`weight_gradient_method` as the deterministic default when measuring is off.
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _autotune
+
 #: Formulations of the weight gradient accepted by ``weight_gradient=``.
-WEIGHT_GRADIENT_METHODS = ("auto", "conv", "taps")
+WEIGHT_GRADIENT_METHODS = ("auto", "conv", "taps", "gemm")
+#: Formulations of the input gradient accepted by ``input_gradient=``.
+INPUT_GRADIENT_METHODS = ("auto", "conv", "taps")
 
 
 def _canonical_dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:
@@ -53,7 +61,10 @@ def weight_gradient_method(
     out_shape: Sequence[int],
     feature_group_count: int = 1,
 ) -> str:
-    """How the weight gradient of a canonical-layout convolution is computed: "conv" | "taps".
+    """The default (unmeasured) weight-gradient formulation of a canonical conv: "conv" | "taps".
+
+    Used when autotuning is off (`ANODE_JAX_AUTOTUNE=off`) or cannot measure; otherwise the
+    formulation is chosen by timing all of them on the running machine.
 
     Shapes in the canonical layout: ``lhs`` ``(N, *spatial, C_in)``, ``rhs``
     ``(*kernel, C_in/G, C_out)``, ``out`` ``(N, *spatial_out, C_out)``.
@@ -61,9 +72,11 @@ def weight_gradient_method(
     * ``"taps"``: one batch-parallel matrix product ``Σ_n x_nᵀ·g_n`` per kernel tap
       (``einsum("n…i,n…o->nio").sum(0)`` over a strided slice of the padded input);
     * ``"conv"``: one canonical convolution with the input's channels as batch and the
-      output cotangent as kernel (what XLA:CPU does for lax's weight gradient at top level).
+      output cotangent as kernel (what XLA:CPU does for lax's weight gradient at top level);
+    * ``"gemm"`` (never the default): one matrix product per tap contracting batch and
+      pixels together.
 
-    Rule (XLA:CPU, measured in benchmarks/bench_conv.py, docs/bench_conv.md): "taps" when the
+    Rule (XLA:CPU on an earlier 2-core machine, measured in benchmarks/bench_conv.py, docs/bench_conv.md): "taps" when the
     kernel has at most 3 taps (1×1, 1×3, 3×1) or the per-group channel product
     ``(C_in/G)·(C_out/G)`` is at least ``64·64`` (each tap's product is then a large enough
     matrix product); "conv" otherwise (e.g. 3×3 with 16 or 32 channels), whatever the image
@@ -98,6 +111,7 @@ def conv_general_dilated(
     preferred_element_type: Any = None,
     *,
     weight_gradient: str = "auto",
+    input_gradient: str = "auto",
 ) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` with a loop-safe reverse-mode derivative.
 
@@ -132,12 +146,26 @@ def conv_general_dilated(
         feature_group_count, precision: as in ``lax.conv_general_dilated``.
       batch_group_count: must be 1 (ValueError otherwise).
       preferred_element_type: must be None (ValueError otherwise).
-      weight_gradient: ``"auto"`` (by shape, :func:`weight_gradient_method`), ``"conv"`` or
-        ``"taps"`` (force one formulation; for benchmarks).
+      weight_gradient: ``"auto"`` (the fastest measured on this machine, see below),
+        ``"conv"``, ``"taps"`` or ``"gemm"`` (force one formulation).
+      input_gradient: ``"auto"``, ``"conv"`` (one canonical convolution with the flipped
+        kernel) or ``"taps"`` (the transpose of per-tap matrix products).
+
+    Choice by measurement (``"auto"``): when the backward is first traced for a new shape
+    (under ``jit`` that is at compile time; shapes are static), every formulation is
+    compiled and timed on random inputs of that shape outside the trace, and the fastest
+    is used and cached in memory and on disk per machine (CPU model and flags, backend,
+    jax/jaxlib, ``XLA_FLAGS``). ``ANODE_JAX_AUTOTUNE=off`` uses the deterministic default
+    (:func:`weight_gradient_method`, a convolution for the input gradient),
+    ``ANODE_JAX_AUTOTUNE=cache`` uses cached choices only, ``ANODE_JAX_AUTOTUNE_CACHE=<dir>``
+    moves the cache (default ``~/.cache/anode_jax``), and
+    ``ANODE_JAX_CONV_WEIGHT_GRADIENT`` / ``ANODE_JAX_CONV_INPUT_GRADIENT`` pin a formulation
+    for every call. All formulations give the same gradients up to rounding.
 
     Raises:
       ValueError: for ``batch_group_count != 1``, a ``preferred_element_type``, an unknown
-        ``weight_gradient`` or padding string, or arguments of the wrong length.
+        ``weight_gradient``, ``input_gradient`` or padding string, or arguments of the
+        wrong length.
     """
     if batch_group_count != 1:
         raise ValueError(
@@ -152,6 +180,10 @@ def conv_general_dilated(
     if weight_gradient not in WEIGHT_GRADIENT_METHODS:
         raise ValueError(
             f"weight_gradient must be one of {WEIGHT_GRADIENT_METHODS}, got {weight_gradient!r}."
+        )
+    if input_gradient not in INPUT_GRADIENT_METHODS:
+        raise ValueError(
+            f"input_gradient must be one of {INPUT_GRADIENT_METHODS}, got {input_gradient!r}."
         )
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     if lhs.ndim != rhs.ndim or lhs.ndim < 3:
@@ -189,7 +221,8 @@ def conv_general_dilated(
             )
     if isinstance(precision, list):
         precision = tuple(precision)
-    y = _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, weight_gradient)
+    methods = (weight_gradient, input_gradient)
+    y = _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods)
     # y is (batch, spatial..., feature); out_spec[k] is where dimension k of the spec goes.
     out_perm = [0] * lhs.ndim
     canonical_index = (0, num_spatial + 1) + tuple(range(1, num_spatial + 1))
@@ -242,29 +275,99 @@ def _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
-def _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, method):
-    """Canonical-layout convolution (x: (N, *S, C_in), w: (*K, C_in/G, C_out))."""
-    del method
+def _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
+    """Canonical-layout convolution (x: (N, *S, C_in), w: (*K, C_in/G, C_out)).
+
+    methods: (weight gradient, input gradient) formulations of the backward.
+    """
+    del methods
     return _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision)
 
 
-def _conv_fwd(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, method):
+def _conv_fwd(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
     y = _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision)
     return y, (x, w)
 
 
-def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, method, residuals, ct):
+def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, residuals, ct):
     x, w = residuals
-    num_spatial = x.ndim - 2
-    in_spatial = x.shape[1:-1]
-    kernel = w.shape[:-2]
-    out_spatial = ct.shape[1:-1]
-    lhs_dilated = [_dilate(s, d) for s, d in zip(in_spatial, lhs_dil)]
-    rhs_dilated = [_dilate(k, d) for k, d in zip(kernel, rhs_dil)]
-    out_dilated = [_dilate(s, d) for s, d in zip(out_spatial, strides)]
+    geometry = (strides, pads, lhs_dil, rhs_dil, groups, precision)
+    weight_method, input_method = methods
+    fields = {
+        "x": list(x.shape),
+        "w": list(w.shape),
+        "ct": list(ct.shape),
+        "strides": list(strides),
+        "pads": [list(p) for p in pads],
+        "lhs_dilation": list(lhs_dil),
+        "rhs_dilation": list(rhs_dil),
+        "groups": groups,
+        "dtype": str(x.dtype),
+        "precision": str(precision),
+    }
+    if input_method == "auto":
+        candidates = {
+            m: functools.partial(_input_grad, m, x.shape, geometry=geometry, methods=methods)
+            for m in INPUT_GRADIENT_METHODS[1:]
+        }
+        input_method = _autotune.choose(
+            "conv_input_gradient",
+            fields,
+            candidates,
+            (_abstract(ct), _abstract(w)),
+            default="conv",
+            pin_env="ANODE_JAX_CONV_INPUT_GRADIENT",
+        )
+    if weight_method == "auto":
+        candidates = {
+            m: functools.partial(_weight_grad, m, w.shape, geometry=geometry, methods=methods)
+            for m in WEIGHT_GRADIENT_METHODS[1:]
+        }
+        weight_method = _autotune.choose(
+            "conv_weight_gradient",
+            fields,
+            candidates,
+            (_abstract(x), _abstract(ct)),
+            default=weight_gradient_method(x.shape, w.shape, ct.shape, groups),
+            pin_env="ANODE_JAX_CONV_WEIGHT_GRADIENT",
+        )
+    # named scopes: profiles and HLO metadata tell the two gradients apart
+    with jax.named_scope(f"conv_input_grad_{input_method}"):
+        dx = _input_grad(input_method, x.shape, ct, w, geometry=geometry, methods=methods)
+    with jax.named_scope(f"conv_weight_grad_{weight_method}"):
+        dw = _weight_grad(weight_method, w.shape, x, ct, geometry=geometry, methods=methods)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
-    # Input gradient: correlate the cotangent with the spatially flipped kernel whose
-    # in/out channels are swapped (per group), strides and input dilation exchanged.
+
+def _abstract(a) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def _input_grad(method, x_shape, ct, w, *, geometry, methods):
+    """dx of the canonical conv with the given formulation ("conv" | "taps")."""
+    strides, pads, lhs_dil, rhs_dil, groups, precision = geometry
+    if method == "taps":
+        x_struct = jax.ShapeDtypeStruct(tuple(x_shape), ct.dtype)
+        forward = functools.partial(
+            _conv_taps,
+            w=w,
+            strides=strides,
+            pads=pads,
+            lhs_dil=lhs_dil,
+            rhs_dil=rhs_dil,
+            groups=groups,
+            precision=precision,
+        )
+        return jax.linear_transpose(forward, x_struct)(ct)[0]
+    if method != "conv":
+        raise ValueError(f"input_gradient must be one of {INPUT_GRADIENT_METHODS}, got {method!r}.")
+    # Correlate the cotangent with the spatially flipped kernel whose in/out channels are
+    # swapped (per group), strides and input dilation exchanged.
+    num_spatial = len(x_shape) - 2
+    kernel = w.shape[:-2]
+    lhs_dilated = [_dilate(s, d) for s, d in zip(x_shape[1:-1], lhs_dil)]
+    rhs_dilated = [_dilate(k, d) for k, d in zip(kernel, rhs_dil)]
+    out_dilated = [_dilate(s, d) for s, d in zip(ct.shape[1:-1], strides)]
     spatial_axes = tuple(range(num_spatial))
     w_t = jnp.flip(w, spatial_axes)
     cin_g, cout = w.shape[-2], w.shape[-1]
@@ -275,20 +378,66 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, method, residu
     for (lo, _), k, i, o in zip(pads, rhs_dilated, lhs_dilated, out_dilated):
         before = k - lo - 1
         pads_x.append((before, i + k - 1 - o - before))
-    dx = _conv(ct, w_t, lhs_dil, tuple(pads_x), strides, rhs_dil, groups, precision, method)
+    return _conv(ct, w_t, lhs_dil, tuple(pads_x), strides, rhs_dil, groups, precision, methods)
 
-    if method == "auto":
-        method = weight_gradient_method(x.shape, w.shape, ct.shape, groups)
-    if method == "taps":
-        dw = _weight_grad_taps(x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision)
-    else:
-        dw = _weight_grad_conv(
-            x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, method
+
+def _weight_grad(method, w_shape, x, ct, *, geometry, methods):
+    """dw of the canonical conv with the given formulation ("conv" | "taps" | "gemm")."""
+    strides, pads, lhs_dil, rhs_dil, groups, precision = geometry
+    kernel = tuple(w_shape[:-2])
+    if method in ("taps", "gemm"):
+        return _weight_grad_taps(
+            x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, flat=method == "gemm"
         )
-    return dx, dw.astype(w.dtype)
+    if method != "conv":
+        raise ValueError(
+            f"weight_gradient must be one of {WEIGHT_GRADIENT_METHODS}, got {method!r}."
+        )
+    return _weight_grad_conv(
+        x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, methods
+    )
 
 
-def _weight_grad_conv(x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, method):
+def _tap_patches(x, out_spatial, kernel, strides, pads, lhs_dil, rhs_dil, groups):
+    """For each kernel tap, the input pixels it meets: (N, prod(out_spatial), G, C_in/G)."""
+    n, cin = x.shape[0], x.shape[-1]
+    config = [(0, 0, 0)]
+    config += [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)]
+    config += [(0, 0, 0)]
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), config)
+    for tap in np.ndindex(*kernel):
+        start = (0,) + tuple(t * d for t, d in zip(tap, rhs_dil)) + (0,)
+        limit = (
+            (n,)
+            + tuple(s + (o - 1) * st + 1 for s, o, st in zip(start[1:-1], out_spatial, strides))
+            + (cin,)
+        )
+        patch = lax.slice(x_pad, start, limit, (1,) + tuple(strides) + (1,))
+        yield tap, patch.reshape((n, math.prod(out_spatial), groups, cin // groups))
+
+
+def _conv_taps(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision):
+    """The canonical conv as a sum of per-tap matrix products (no convolution op).
+
+    Its transpose in x is the "taps" input gradient. x: (N, *S, C_in), w: (*K, C_in/G, C_out).
+    """
+    n, cout = x.shape[0], w.shape[-1]
+    kernel = w.shape[:-2]
+    in_spatial = [_dilate(s, d) + lo + hi for s, d, (lo, hi) in zip(x.shape[1:-1], lhs_dil, pads)]
+    out_spatial = tuple(
+        (s - _dilate(k, d)) // st + 1 for s, k, d, st in zip(in_spatial, kernel, rhs_dil, strides)
+    )
+    total = None
+    for tap, patch in _tap_patches(x, out_spatial, kernel, strides, pads, lhs_dil, rhs_dil, groups):
+        w_tap = w[tap].reshape((w.shape[-2], groups, cout // groups))
+        term = jnp.einsum("npgi,igo->npgo", patch, w_tap, precision=precision)
+        total = term if total is None else total + term
+    return total.reshape((n,) + out_spatial + (cout,))
+
+
+def _weight_grad_conv(
+    x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, methods=("auto", "auto")
+):
     """dw as one canonical convolution: channels of x as batch, the cotangent as kernel."""
     num_spatial = x.ndim - 2
     n, cin = x.shape[0], x.shape[-1]
@@ -305,31 +454,28 @@ def _weight_grad_conv(x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, pr
         (lo, o - i + k - lo - 1)
         for (lo, _), i, k, o in zip(pads, lhs_dilated, rhs_dilated, out_dilated)
     )
-    dw = _conv(lhs, rhs, rhs_dil, pads_w, lhs_dil, strides, groups, precision, method)
+    dw = _conv(lhs, rhs, rhs_dil, pads_w, lhs_dil, strides, groups, precision, methods)
     # (C_in/G, *K, C_out) -> (*K, C_in/G, C_out)
     return jnp.transpose(dw, spatial + (0, num_spatial + 1))
 
 
-def _weight_grad_taps(x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision):
-    """dw as one batch-parallel product ``Σ_n x_tapᵀ·ct`` per kernel tap."""
+def _weight_grad_taps(
+    x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, flat=False
+):
+    """dw as one product ``Σ_n x_tapᵀ·ct`` per kernel tap.
+
+    ``flat=False``: batch-parallel products summed over the batch ("taps");
+    ``flat=True``: one matrix product contracting batch and pixels together ("gemm").
+    """
     n, cin, cout = x.shape[0], x.shape[-1], ct.shape[-1]
     out_spatial = ct.shape[1:-1]
-    config = [(0, 0, 0)]
-    config += [(lo, hi, d - 1) for (lo, hi), d in zip(pads, lhs_dil)]
-    config += [(0, 0, 0)]
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype), config)
     g = ct.reshape((n, math.prod(out_spatial), groups, cout // groups))
     taps = []
-    for tap in np.ndindex(*kernel):
-        start = (0,) + tuple(t * d for t, d in zip(tap, rhs_dil)) + (0,)
-        limit = (
-            (n,)
-            + tuple(s + (o - 1) * st + 1 for s, o, st in zip(start[1:-1], out_spatial, strides))
-            + (cin,)
-        )
-        patch = lax.slice(x_pad, start, limit, (1,) + tuple(strides) + (1,))
-        patch = patch.reshape((n, math.prod(out_spatial), groups, cin // groups))
-        prod = jnp.einsum("npgi,npgo->ngio", patch, g, precision=precision).sum(0)
+    for _, patch in _tap_patches(x, out_spatial, kernel, strides, pads, lhs_dil, rhs_dil, groups):
+        if flat:
+            prod = jnp.einsum("npgi,npgo->gio", patch, g, precision=precision)
+        else:
+            prod = jnp.einsum("npgi,npgo->ngio", patch, g, precision=precision).sum(0)
         # (G, C_in/G, C_out/G) -> (C_in/G, G·C_out/G)
         taps.append(jnp.transpose(prod, (1, 0, 2)).reshape(cin // groups, cout))
     return jnp.stack(taps).reshape(tuple(kernel) + (cin // groups, cout))

@@ -1,0 +1,327 @@
+"""Choice by measurement: time the correct formulations of an operation once per machine.
+
+The loop-safe convolution owns the formulations of its backward pass (the weight gradient as
+one canonical convolution, as per-tap products, ...; the input gradient as a convolution or as
+per-tap products). Which is fastest depends on the shape, the dtype, the CPU (AVX2 or
+AVX-512, core count), the jax/jaxlib version and the XLA flags, so a rule tuned on one machine
+is the wrong rule on the next (docs/bench_conv.md). Like cuDNN's autotuner, :func:`choose`
+times every candidate once, on first use, and remembers the fastest:
+
+* **When.** Shapes and dtypes are static in JAX: they are known when the backward is *traced*
+  (under `jit`, `grad`, `scan`, `vmap` alike). The measurement runs at that moment, outside the
+  trace (`jax.ensure_compile_time_eval`), on concrete random inputs of the same shape and dtype
+  on the default device: each candidate is compiled alone, run once to warm up, then the
+  candidates are timed in interleaved rounds and the least time of each decides (the least
+  time is the one least disturbed by other processes on a shared machine). The program being traced
+  only receives the name of the winner, so a jitted step is measured once per new shape at
+  its first compilation and never while it runs.
+* **Where it is kept.** In memory for the process, and on disk in a JSON file per machine:
+  `$ANODE_JAX_AUTOTUNE_CACHE/autotune-<key>.json`, by default
+  `$XDG_CACHE_HOME/anode_jax/` (`~/.cache/anode_jax/`). `<key>` hashes
+  :func:`machine_key` (CPU model and ISA flags, core count, backend and device kind,
+  jax/jaxlib versions, `XLA_FLAGS`), so files from different machines or flag settings never
+  mix. A corrupt or unreadable file is ignored with a warning and rewritten.
+* **Switches.** `ANODE_JAX_AUTOTUNE=off` (or `0`): never measure, never read or write the
+  cache; use the deterministic default rule (:func:`anode_jax.nn.weight_gradient_method`
+  for the weight gradient, a convolution for the input gradient). `ANODE_JAX_AUTOTUNE=cache`:
+  use cached choices, on a miss the default rule without measuring. `on` (default): measure
+  on a miss. Pin one formulation for every call with `ANODE_JAX_CONV_WEIGHT_GRADIENT=<name>` /
+  `ANODE_JAX_CONV_INPUT_GRADIENT=<name>`, or per call with `weight_gradient=` /
+  `input_gradient=` of :func:`anode_jax.nn.conv_general_dilated`.
+* **When measuring fails** (a candidate does not compile or runs out of memory), that
+  candidate is skipped; if none can be timed, the default rule is used with a warning.
+
+Different machines may pick different formulations; they compute the same gradient up to
+float rounding (tests/test_autotune.py compares them in float64).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+#: Values of `ANODE_JAX_AUTOTUNE`.
+AUTOTUNE_MODES = ("on", "off", "cache")
+_MODE_ALIASES = {"1": "on", "true": "on", "0": "off", "false": "off", "": "on"}
+
+#: Candidates whose first run is this many times slower than the fastest one's are not timed
+#: again (see :func:`measure`).
+PRUNE_FACTOR = 3.0
+
+#: CPU flags that decide which kernels XLA and its libraries can use.
+_ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_tile",
+)
+
+_lock = threading.Lock()
+_memory: dict[str, dict[str, Any]] = {}
+_loaded_files: set[str] = set()
+
+
+def mode() -> str:
+    """The autotuning mode from `ANODE_JAX_AUTOTUNE`: "on" (default), "off" or "cache".
+
+    Raises:
+      ValueError: for any other value, naming the valid ones.
+    """
+    raw = os.environ.get("ANODE_JAX_AUTOTUNE", "on").strip().lower()
+    value = _MODE_ALIASES.get(raw, raw)
+    if value not in AUTOTUNE_MODES:
+        raise ValueError(f"ANODE_JAX_AUTOTUNE must be one of {AUTOTUNE_MODES}, got {raw!r}.")
+    return value
+
+
+def cpu_description() -> dict[str, Any]:
+    """CPU model name, the ISA flags of interest present, and whether AVX-512 is there."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    present = [f for f in _ISA_FLAGS if f in flags]
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return {
+        "cpu_model": model,
+        "cpu_flags": present,
+        "avx512": "avx512f" in flags,
+        "cpu_cores": cores,
+        "arch": platform.machine(),
+    }
+
+
+def machine_key() -> dict[str, Any]:
+    """What a measured choice depends on besides the operation: CPU, backend, versions, flags."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {
+        **cpu_description(),
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def cache_dir() -> str:
+    """`$ANODE_JAX_AUTOTUNE_CACHE`, else `$XDG_CACHE_HOME/anode_jax`, else `~/.cache/anode_jax`."""
+    explicit = os.environ.get("ANODE_JAX_AUTOTUNE_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "anode_jax")
+
+
+def cache_path() -> str:
+    """The JSON file holding this machine's measured choices (see the module docstring)."""
+    digest = hashlib.sha256(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()
+    return os.path.join(cache_dir(), f"autotune-{digest[:16]}.json")
+
+
+def clear_memory() -> None:
+    """Forgets the choices held in memory (the disk cache is left alone)."""
+    with _lock:
+        _memory.clear()
+        _loaded_files.clear()
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        entries = data["entries"]
+        if not isinstance(entries, dict):
+            raise TypeError("entries is not an object")
+        return {k: v for k, v in entries.items() if isinstance(v, dict) and "choice" in v}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        warnings.warn(
+            f"anode_jax autotune cache {path} is unreadable ({error}); ignoring it, it will "
+            "be rewritten.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return {}
+
+
+def _write(path: str, key: str, entry: dict[str, Any]) -> None:
+    """Adds one entry to the file (re-read first: another process may have added others)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        entries = _read(path) if os.path.exists(path) else {}
+        entries[key] = entry
+        payload = {"machine": machine_key(), "entries": entries}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: readers see the old or the new file, never half
+    except OSError as error:
+        warnings.warn(
+            f"anode_jax autotune could not write {path} ({error}); the choice is kept in "
+            "memory only.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def lookup(key: str) -> dict[str, Any] | None:
+    """The cached entry for `key` (memory, then this machine's file), or None."""
+    with _lock:
+        if key in _memory:
+            return _memory[key]
+        path = cache_path()
+        if path not in _loaded_files:
+            _loaded_files.add(path)
+            for k, v in _read(path).items():
+                _memory.setdefault(k, v)
+        return _memory.get(key)
+
+
+def measure(
+    candidates: Mapping[str, Callable[..., Any]],
+    args: Sequence[jax.ShapeDtypeStruct],
+    *,
+    rounds: int = 5,
+    budget_s: float = 10.0,
+) -> dict[str, float]:
+    """Least seconds of each candidate on random inputs shaped like `args` (failed: absent).
+
+    Each candidate is jitted and compiled alone; after one warm-up run each, the candidates run
+    in interleaved rounds (so a change of machine load touches all of them alike) until
+    `rounds` rounds are done or `budget_s` seconds are spent (at least one timed round). A
+    candidate whose warm-up took over `PRUNE_FACTOR`× the fastest warm-up keeps that time and
+    is not run again. Runs outside any surrounding trace.
+    """
+    with jax.ensure_compile_time_eval():
+        rng = np.random.default_rng(0)
+        # scale first, then cast: numpy promotes a bfloat16 array times a float to float32
+        inputs = [
+            jax.device_put((0.1 * rng.standard_normal(a.shape)).astype(a.dtype)) for a in args
+        ]
+        compiled, warmup = {}, {}
+        for name, fn in candidates.items():
+            try:
+                exe = jax.jit(fn).lower(*args).compile()
+                t = time.perf_counter()
+                jax.block_until_ready(exe(*inputs))
+                warmup[name] = time.perf_counter() - t
+                compiled[name] = exe
+            except Exception as error:  # a formulation that cannot run here is not a choice
+                warnings.warn(
+                    f"anode_jax autotune: candidate {name!r} failed ({type(error).__name__}: "
+                    f"{error}); skipped.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        # A candidate whose first run took over PRUNE_FACTOR× the fastest first run is not
+        # timed again (its first run stands as its time): it cannot win, and slow
+        # formulations of large layers take seconds per run.
+        fastest = min(warmup.values(), default=0.0)
+        times: dict[str, list[float]] = {
+            name: [] if warmup[name] <= PRUNE_FACTOR * fastest else [warmup[name]]
+            for name in compiled
+        }
+        start = time.perf_counter()
+        for _ in range(max(rounds, 1)):
+            for name, exe in compiled.items():
+                if times[name] and warmup[name] > PRUNE_FACTOR * fastest:
+                    continue
+                t = time.perf_counter()
+                jax.block_until_ready(exe(*inputs))
+                times[name].append(time.perf_counter() - t)
+            if time.perf_counter() - start > budget_s:
+                break
+    return {name: min(ts) for name, ts in times.items() if ts}
+
+
+def choose(
+    kind: str,
+    fields: Mapping[str, Any],
+    candidates: Mapping[str, Callable[..., Any]],
+    args: Sequence[jax.ShapeDtypeStruct],
+    default: str,
+    pin_env: str | None = None,
+) -> str:
+    """The formulation to use for one operation: pinned, cached, measured, or `default`.
+
+    Args:
+      kind: the operation's name (e.g. "conv_weight_gradient"), part of the cache key.
+      fields: everything else the choice depends on (shapes, strides, dtype, precision, ...);
+        must be JSON-serialisable. The backend and machine are added by the cache file.
+      candidates: name -> function of `args` (concrete arrays) computing the operation; all
+        must give the same result up to rounding.
+      args: shapes and dtypes of the candidates' inputs.
+      default: the choice when measuring is off or impossible (deterministic).
+      pin_env: environment variable that, when set, pins the choice for every call.
+
+    Raises:
+      ValueError: if the pin names no candidate, or `ANODE_JAX_AUTOTUNE` is invalid.
+    """
+    if pin_env:
+        pinned = os.environ.get(pin_env, "").strip()
+        if pinned:
+            if pinned not in candidates:
+                raise ValueError(f"{pin_env} must be one of {tuple(candidates)}, got {pinned!r}.")
+            return pinned
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    current = mode()
+    if current == "off":
+        return default
+    key = json.dumps({"kind": kind, **fields}, sort_keys=True, default=str)
+    entry = lookup(key)
+    if entry is not None and entry["choice"] in candidates:
+        return entry["choice"]
+    if current == "cache":
+        return default
+    seconds = measure(candidates, args)
+    if not seconds:
+        warnings.warn(
+            f"anode_jax autotune: no candidate of {kind} could be timed; using {default!r}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return default
+    choice = min(seconds, key=seconds.get)
+    entry = {
+        "choice": choice,
+        "seconds": seconds,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    with _lock:
+        _memory[key] = entry
+    _write(cache_path(), key, entry)
+    return choice
