@@ -8,8 +8,7 @@ import pytest
 from jax import lax
 
 from anode_jax import Anode, Checkpointed, Direct, odeint
-from anode_jax.ode import DEFAULT_MAX_UNROLL, uses_plain_convolutions
-from anode_jax.ode._policy import resolve_unroll
+from anode_jax.ode import DEFAULT_MAX_UNROLL, resolve_unroll, uses_plain_convolutions
 from anode_jax.ode.adjoints.checkpointed import revolve_schedule
 from tests._ode_problems import (
     conv,

@@ -1,21 +1,11 @@
-"""The pure core: fixed-step ODE solvers and gradient strategies. Imports no Flax."""
+"""The pure core: fixed-step ODE solvers (`solvers/`) and gradient strategies (`adjoints/`).
+
+Imports no Flax.
+"""
 
 from anode_jax.ode._loop import DEFAULT_MAX_UNROLL
 from anode_jax.ode._odeint import odeint
-from anode_jax.ode._policy import uses_plain_convolutions
-from anode_jax.ode._registry import get_solver, reversible_solver_names, solver_names
-from anode_jax.ode._reversible import ALF, Reversible, ReversibleHeun
-from anode_jax.ode._solvers import (
-    EULER,
-    HEUN,
-    MIDPOINT,
-    RK4,
-    SOLVERS,
-    AbstractReversibleSolver,
-    AbstractSolver,
-    ButcherTableau,
-    make_step,
-)
+from anode_jax.ode._policy import resolve_unroll, uses_plain_convolutions
 from anode_jax.ode._stages import knot_weights, stage_times
 from anode_jax.ode.adjoints import (
     ADJOINTS,
@@ -27,6 +17,23 @@ from anode_jax.ode.adjoints import (
     ReversibleAdjoint,
     SolveSpec,
     get_adjoint,
+)
+from anode_jax.ode.solvers import (
+    ALF,
+    EULER,
+    HEUN,
+    MIDPOINT,
+    RK4,
+    SOLVERS,
+    AbstractReversibleSolver,
+    AbstractSolver,
+    ButcherTableau,
+    Reversible,
+    ReversibleHeun,
+    get_solver,
+    make_step,
+    reversible_solver_names,
+    solver_names,
 )
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "knot_weights",
     "make_step",
     "odeint",
+    "resolve_unroll",
     "reversible_solver_names",
     "solver_names",
     "stage_times",

@@ -10,9 +10,8 @@ import numpy as np
 
 from anode_jax._typing import PyTree, VectorField
 from anode_jax.ode import _loop, _policy, _times
-from anode_jax.ode._registry import get_solver
-from anode_jax.ode._solvers import AbstractSolver
 from anode_jax.ode.adjoints import AbstractAdjoint, SolveSpec, get_adjoint
+from anode_jax.ode.solvers import AbstractSolver, get_solver
 
 
 def odeint(

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anode_jax.ode._registry import get_solver
-from anode_jax.ode._solvers import AbstractSolver
+from anode_jax.ode.solvers import AbstractSolver, get_solver
 
 _Array = jax.Array
 

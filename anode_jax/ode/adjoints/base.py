@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from anode_jax._typing import Array, PyTree, StepFn, VectorField
 from anode_jax.ode import _loop
-from anode_jax.ode._solvers import AbstractSolver, make_step
+from anode_jax.ode.solvers import AbstractSolver, make_step
 
 
 @dataclasses.dataclass(frozen=True)

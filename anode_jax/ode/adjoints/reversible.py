@@ -8,13 +8,14 @@ import functools
 import jax
 from jax import lax
 
-from anode_jax.ode import _loop, _reversible
+from anode_jax.ode import _loop
 from anode_jax.ode.adjoints.base import AbstractAdjoint, SolveSpec, forward, tree_add
+from anode_jax.ode.solvers import backward_step, reversible_solver_names
 
 
 def _reverse_unrolled(solver, vector_field, spec: SolveSpec, args, state, ct, ct_args):
     for n in range(spec.num_steps - 1, -1, -1):
-        state, ct, ct_a = _reversible.backward_step(
+        state, ct, ct_a = backward_step(
             solver, vector_field, spec.time(n), spec.dt, state, ct, args
         )
         ct_args = tree_add(ct_args, ct_a)
@@ -25,7 +26,7 @@ def _reverse_looped(solver, vector_field, spec: SolveSpec, args, state, ct, ct_a
     def body(i, carry):
         state, ct, ct_args = carry
         n = spec.num_steps - 1 - i
-        state, ct, ct_a = _reversible.backward_step(
+        state, ct, ct_a = backward_step(
             solver, vector_field, spec.time(n), spec.dt, state, ct, args
         )
         return state, ct, tree_add(ct_args, ct_a)
@@ -80,8 +81,6 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     def check_solver(self, solver):
         if not getattr(solver, "reversible", False):
-            from anode_jax.ode._registry import reversible_solver_names
-
             raise ValueError(
                 f'adjoint="reversible" needs an algebraically reversible solver, got '
                 f"{getattr(solver, 'name', type(solver).__name__)!r}; use one of "

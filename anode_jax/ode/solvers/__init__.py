@@ -1,9 +1,37 @@
-"""Solver names: `get_solver` turns a name or object into an `AbstractSolver`."""
+"""Fixed-step solvers, one family per module, and the registry of their names.
+
+| module           | contents                                                             |
+|------------------|----------------------------------------------------------------------|
+| `base`           | `AbstractSolver` (init, step, output), `AbstractReversibleSolver`    |
+| `runge_kutta`    | `ButcherTableau` and the explicit methods EULER, MIDPOINT, HEUN, RK4 |
+| `reversible`     | `Reversible` (McCallum & Foster), `ReversibleHeun`, `ALF` (MALI)     |
+
+`get_solver` turns a name or an object into an `AbstractSolver`; `solver_names` lists the
+valid names (error messages and config validation use it).
+"""
 
 from __future__ import annotations
 
-from anode_jax.ode._reversible import ALF_SOLVER, REVERSIBLE_HEUN, Reversible
-from anode_jax.ode._solvers import SOLVERS, AbstractSolver
+from anode_jax.ode.solvers.base import AbstractReversibleSolver, AbstractSolver
+from anode_jax.ode.solvers.reversible import (
+    ALF,
+    ALF_SOLVER,
+    REVERSIBLE_HEUN,
+    Reversible,
+    ReversibleHeun,
+    backward_step,
+)
+from anode_jax.ode.solvers.runge_kutta import (
+    EULER,
+    HEUN,
+    MIDPOINT,
+    RK4,
+    SOLVERS,
+    ButcherTableau,
+    make_step,
+    rk_stages,
+    rk_step,
+)
 
 _REVERSIBLE_PREFIX = "reversible:"
 REVERSIBLE_SOLVERS = {REVERSIBLE_HEUN.name: REVERSIBLE_HEUN, ALF_SOLVER.name: ALF_SOLVER}
@@ -48,3 +76,26 @@ def get_solver(solver: str | AbstractSolver) -> AbstractSolver:
         f"solver must be a name in {solver_names()} or an AbstractSolver (e.g. a "
         f"ButcherTableau), got {type(solver).__name__}."
     )
+
+
+__all__ = [
+    "ALF",
+    "EULER",
+    "HEUN",
+    "MIDPOINT",
+    "REVERSIBLE_SOLVERS",
+    "RK4",
+    "SOLVERS",
+    "AbstractReversibleSolver",
+    "AbstractSolver",
+    "ButcherTableau",
+    "Reversible",
+    "ReversibleHeun",
+    "backward_step",
+    "get_solver",
+    "make_step",
+    "reversible_solver_names",
+    "rk_stages",
+    "rk_step",
+    "solver_names",
+]

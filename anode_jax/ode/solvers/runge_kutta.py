@@ -1,8 +1,4 @@
-"""The solver interface and the explicit Runge–Kutta solvers given by Butcher tableaux.
-
-A solver advances a *solver state* by fixed steps: `init` builds the state from y0, `step`
-advances it by dt, `output` reads y from it. For Runge–Kutta methods the state is y itself;
-the reversible solvers (`_reversible.py`) carry an auxiliary state and add `inverse_step`.
+"""The explicit Runge–Kutta solvers, given by Butcher tableaux (the solver state is y itself).
 
 One step of an s-stage explicit method for y' = f(t, y) (Hairer, Nørsett & Wanner, Eq. II.1.8):
 
@@ -14,7 +10,6 @@ Forward Euler with one step of h = 1 is exactly a residual block y + f(y).
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -22,46 +17,7 @@ from collections.abc import Sequence
 import jax
 
 from anode_jax._typing import Array, PyTree, StepFn, VectorField
-
-
-class AbstractSolver(abc.ABC):
-    """A fixed-step one-step method over a solver state (a pytree of floating arrays).
-
-    Subclasses implement `step`; `init` and `output` default to the identity (state = y).
-    Every method is a pure function of its arguments: parameters arrive through `args`.
-    """
-
-    name: str  # a short name for error messages and tables
-    order: int  # the classical order of accuracy
-    # True for solvers whose step can be inverted algebraically (`AbstractReversibleSolver`).
-    reversible = False
-
-    def init(self, vector_field: VectorField, t0: Array, y0: PyTree, args: PyTree) -> PyTree:
-        """The solver state at t0 for the initial value y0."""
-        del vector_field, t0, args
-        return y0
-
-    @abc.abstractmethod
-    def step(
-        self, vector_field: VectorField, t: Array, dt: float, state: PyTree, args: PyTree
-    ) -> PyTree:
-        """The solver state at t + dt from the state at t."""
-
-    def output(self, state: PyTree) -> PyTree:
-        """y read off a solver state."""
-        return state
-
-
-class AbstractReversibleSolver(AbstractSolver):
-    """A solver whose step the backward pass inverts exactly (up to round-off)."""
-
-    reversible = True
-
-    @abc.abstractmethod
-    def inverse_step(
-        self, vector_field: VectorField, t: Array, dt: float, state_next: PyTree, args: PyTree
-    ) -> PyTree:
-        """The state at t reconstructed from the state at t + dt (`step`'s algebraic inverse)."""
+from anode_jax.ode.solvers.base import AbstractSolver
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,8 @@ import dataclasses
 import jax
 
 from anode_jax._typing import Array, PyTree, VectorField
-from anode_jax.ode._solvers import AbstractReversibleSolver, ButcherTableau, rk_stages
+from anode_jax.ode.solvers.base import AbstractReversibleSolver
+from anode_jax.ode.solvers.runge_kutta import ButcherTableau, rk_stages
 
 
 def _lin(*terms):
