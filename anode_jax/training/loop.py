@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from anode_jax.data import Dataset, TrainOrder, eval_batches, load_dataset, pad_batch
+from anode_jax.training import distributed
 from anode_jax.training import sharding as shd
 from anode_jax.training.checkpoints import Checkpointer
 from anode_jax.training.config_validation import validate_config
@@ -112,7 +113,7 @@ def _flat(config) -> dict[str, Any]:
 def _setup(config, workdir: str) -> _Setup:
     if config.distributed:
         validate_config(config, num_devices=1)  # names and sizes, before touching devices
-        jax.distributed.initialize()
+        distributed.initialize()  # reads JAX_NUM_PROCESSES/JAX_PROCESS_ID (JAX does not)
     validate_config(config)
     is_main = jax.process_index() == 0
     # Before anything in the workdir is written: a second trainer must change nothing.
@@ -128,6 +129,8 @@ def _setup(config, workdir: str) -> _Setup:
 
 def _setup_locked(config, workdir: str, is_main: bool, lock: WorkdirLock) -> _Setup:
     mesh = shd.make_mesh(config.num_devices)
+    if jax.process_count() > 1:
+        distributed.check_mesh_layout(mesh)
     dataset = load_dataset(
         config.data.name, config.data.dir, config.data.train_size, config.data.test_size
     )
@@ -363,7 +366,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
     try:
         for step in range(start_step, total):
             idx = order.indices(step)
-            images, labels = shd.put_batch((ds.train_images[idx], ds.train_labels[idx]), bsh)
+            images, labels = distributed.put_rows((ds.train_images, ds.train_labels), idx, bsh)
             state, m = train_step(state, images, labels)
             window.append(m)
             done = step + 1
