@@ -76,11 +76,16 @@ def process_env(
     return env
 
 
+try:  # loaded here, not in the forked child, which only makes the system call
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # not glibc Linux: processes then outlive a SIGKILLed launcher
+    _LIBC = None
+
+
 def _die_with_parent() -> None:
     """In the child before exec: receive SIGKILL when the launcher dies (Linux)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _pump(stream, out, prefix: str, lock: threading.Lock) -> None:

@@ -7,15 +7,20 @@ End-to-end runs use a tiny digits config (256 images, batch 32: 8 steps per epoc
 by the tests of this module (and by the xdist workers) as references.
 
 Tolerance: a 2-process step computes the same function as a 1-process step over the same
-global batch, but the cross-process all-reduce sums the per-device partial sums in another
-order, so float32 results differ by round-off that 16 SGD steps amplify. Parameters and
-BatchNorm statistics must agree to `RTOL`/`ATOL` (measured: see docs/training.md), metrics
-to `METRIC_ATOL`; a resumed 2-process run must equal the uninterrupted 2-process run
-exactly.
+global batch, but the cross-process all-reduce adds the per-device partial sums in another
+order, so float32 results differ by round-off (~1e-7 relative at the first steps). Training
+amplifies it: once a pre-activation near a ReLU kink lands on the other side, the
+difference jumps to ~1e-5 and grows (2 processes x 2 devices, measured: gradient norms
+equal to 1e-8 for 7 steps, 1e-3 apart by step 10; parameters up to 1.3e-3 apart after 16
+steps; 2 x 1 devices stayed within 3e-7). Hence: final parameters and BatchNorm statistics
+within `PARAM_ATOL`, losses within `LOSS_ATOL`, accuracies within `ACC_ATOL` (one example
+of a 32-image batch), the first metrics line (4 steps) within `FIRST_LINE_ATOL`. A resumed
+2-process run must equal the uninterrupted 2-process run exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -54,8 +59,10 @@ TOTAL_STEPS = 16
 TRAIN = ["train.py", "--config=configs/default.py", *cli_args(OVERRIDES)]
 DIST = ["--config.distributed=True"]
 COUPLED = {"model.method": "anodev2", "model.adjoint": "checkpointed:2"}
-RTOL, ATOL = 2e-4, 2e-5  # parameters and BatchNorm statistics, float32, after 16 steps
-METRIC_ATOL = 1e-4  # losses (mean over a window), accuracies, learning rates
+PARAM_ATOL = 5e-3  # parameters and BatchNorm statistics after 16 steps (float32)
+LOSS_ATOL = 1e-3  # train (window mean) and test losses
+ACC_ATOL = 1 / 32  # accuracies: one example of a batch
+FIRST_LINE_ATOL = 1e-5  # the loss of the first 4 steps, before round-off is amplified
 SURVIVOR_BOUND_S = 60.0
 
 SHARED_CIFAR10 = Path("/work/shared/data/cifar10")
@@ -138,12 +145,13 @@ def final_state(workdir: Path, **overrides):
 
 
 def assert_equivalent(ref: Path, got: Path, **overrides) -> None:
-    """Same metrics lines (to METRIC_ATOL) and final parameters/BN statistics (RTOL/ATOL)."""
+    """Same metrics lines and final parameters/BN statistics, to the module's tolerances."""
     ra, rb = records(ref), records(got)
     assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]
+    np.testing.assert_allclose(rb[0]["loss"], ra[0]["loss"], rtol=0, atol=FIRST_LINE_ATOL)
     for a, b in zip(ra, rb):
-        for k in ("loss", "accuracy", "lr"):
-            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=METRIC_ATOL, err_msg=str(a))
+        for k, tol in (("loss", LOSS_ATOL), ("accuracy", ACC_ATOL), ("lr", 1e-7)):
+            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=tol, err_msg=f"{k}: {a}")
         assert (
             a.get("num_examples")
             == b.get("num_examples")
@@ -153,7 +161,9 @@ def assert_equivalent(ref: Path, got: Path, **overrides) -> None:
     assert jax.tree.structure(sa) == jax.tree.structure(sb)
     worst = 0.0
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sa), jax.tree.leaves(sb)):
-        np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            b, a, rtol=0, atol=PARAM_ATOL, err_msg=jax.tree_util.keystr(path)
+        )
         worst = max(worst, float(np.max(np.abs(np.asarray(b) - np.asarray(a)))))
     print(f"max |difference| of parameters and BN statistics: {worst:.3g}")
 
@@ -274,8 +284,14 @@ def test_cluster_variables_are_read_and_checked():
 # ------------------------------------------------------------------ the launcher (no JAX)
 
 
+# Job forks from this (JAX-importing) test process; the child only calls prctl and execs.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+
+
 def _job(code: str, n: int, tmp_path: Path, **kw):
-    out, err = open(tmp_path / "out", "w+"), open(tmp_path / "err", "w+")
+    # the job's reader threads write these after this returns; closed with tmp_path
+    out = open(tmp_path / "out", "w+")  # noqa: SIM115
+    err = open(tmp_path / "err", "w+")  # noqa: SIM115
     job = Job([sys.executable, "-c", code], n, stdout=out, stderr=err, **kw).start()
     return job, out, err
 
@@ -416,10 +432,8 @@ def test_sigkill_every_process_then_rerun_equals_uninterrupted(multi, env, tmp_p
         finally:
             os.kill(proc.pid, signal.SIGKILL)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # PR_SET_PDEATHSIG was faster
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:  # PR_SET_PDEATHSIG was faster
-                pass
         proc.wait()
         moments.append((target, round(delay, 3), max(r["step"] for r in records(w))))
     print("kills (target step, delay s, last metrics step):", moments)

@@ -165,16 +165,3 @@ def host_value(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(x.addressable_data(0))
     return np.asarray(x)
-
-
-def agree_on_step(step: int | None) -> int | None:
-    """The smallest of the processes' ``step`` values (``None`` counts as -1); one
-    process returns its own value. Used so that all processes restore the same checkpoint
-    even when one of them could not read the newest."""
-    if jax.process_count() == 1:
-        return step
-    from jax.experimental import multihost_utils
-
-    vals = multihost_utils.process_allgather(np.asarray(-1 if step is None else step, np.int64))
-    low = int(np.min(vals))
-    return None if low < 0 else low
