@@ -31,7 +31,10 @@ grace period, with one line naming the lost process.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import sys
 
 import jax
 import numpy as np
@@ -112,6 +115,35 @@ def initialize(
             f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}, run under SLURM, "
             "mpirun or a TPU pod, or start it with python -m anode_jax.launch"
         ) from None
+    # Registered after JAX's own exit handler, so it runs first (atexit is LIFO).
+    atexit.register(_exit_now_if_failed)
+
+
+_failed = False
+
+
+@contextlib.contextmanager
+def exit_at_once_on_error():
+    """Around a multi-process run: if it raises, this process exits (status 1) as soon as
+    the interpreter starts to exit, instead of waiting in JAX's shutdown barrier for peers
+    that are still training (up to `shutdown_timeout_seconds`, 5 min by default). The
+    error line is printed first, and the peers then learn of the loss from the
+    coordination service or the launcher."""
+    global _failed
+    try:
+        yield
+    except BaseException:
+        if jax.distributed.is_initialized():
+            _failed = True
+        raise
+
+
+def _exit_now_if_failed() -> None:
+    if _failed:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(1)
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:

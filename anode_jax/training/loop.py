@@ -284,6 +284,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Holds the workdir's lock for the whole run (see training/workdir_lock.py).
     """
+    with distributed.exit_at_once_on_error():
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     setup = _setup(config, workdir)
     try:
         return _train(setup)
@@ -310,6 +315,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
     wall_offset = float(meta.get("wall_time_s", 0.0))
     n_params = param_count(state.params)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    dropped = 0  # counted by process 0, which alone prints it
     if setup.is_main:
         dropped = log.truncate_after(start_step)
         truncate_events_after(workdir, start_step)  # TensorBoard: same steps as metrics.jsonl
