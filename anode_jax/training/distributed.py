@@ -39,7 +39,7 @@ import sys
 import jax
 import numpy as np
 
-from anode_jax.training.errors import ConfigError
+from anode_jax.training.errors import ConfigError, TrainingError
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -132,6 +132,16 @@ def exit_at_once_on_error():
     global _failed
     try:
         yield
+    except jax.errors.JaxRuntimeError as e:
+        if not jax.distributed.is_initialized():
+            raise
+        _failed = True
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise TrainingError(
+            f"process {jax.process_index()} of {jax.process_count()} stopped: a step across "
+            f"the processes failed ({reason}), most likely because another process died; "
+            "rerun the same command to resume from the latest checkpoint"
+        ) from None
     except BaseException:
         if jax.distributed.is_initialized():
             _failed = True
