@@ -449,7 +449,10 @@ def test_sigkill_one_process_stops_the_other_and_rerun_resumes(multi, env, tmp_p
     log = tmp_path / "launch.log"
     proc = start_launch(launch_cmd(w), env, log)
     try:
-        wait_for_step(w, 5, proc)
+        wait_for_step(w, 8, proc)
+        while not (w / "checkpoints" / "5").is_dir():  # committed (saves are asynchronous)
+            assert proc.poll() is None, "the launch ended before checkpoint 5 was committed"
+            time.sleep(0.02)
         pids = trainer_pids(w)
         os.kill(pids[1], signal.SIGKILL)
         t_kill = time.monotonic()
