@@ -4,23 +4,23 @@
         train.py --config=configs/default.py --workdir=runs/mp --config.distributed=True
     python -m anode_jax.launch --num_processes=2 --devices_per_process=2 -- train.py ...
 
-Process ``i`` runs the command after ``--`` (a ``*.py`` file runs under this Python) with
+Process `i` runs the command after `--` (a `*.py` file runs under this Python) with
 
-* ``JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES=N``,
-  ``JAX_PROCESS_ID=i`` (what ``anode_jax.training.distributed.initialize`` reads; on
-  SLURM, ``mpirun`` or a TPU pod the same trainer command finds them by itself);
-* ``JAX_COORDINATOR_BIND_ADDRESS`` on loopback, so the coordinator is not reachable from
+* `JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>`, `JAX_NUM_PROCESSES=N`,
+  `JAX_PROCESS_ID=i` (what `anode_jax.training.distributed.initialize` reads; on
+  SLURM, `mpirun` or a TPU pod the same trainer command finds them by itself);
+* `JAX_COORDINATOR_BIND_ADDRESS` on loopback, so the coordinator is not reachable from
   other hosts;
-* ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo`` (cross-process collectives on CPU) and, with
-  ``--devices_per_process=K``, ``JAX_NUM_CPU_DEVICES=K`` (K CPU devices per process);
-  ``JAX_PLATFORMS=cpu`` unless already set.
+* `JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo` (cross-process collectives on CPU) and, with
+  `--devices_per_process=K`, `JAX_NUM_CPU_DEVICES=K` (K CPU devices per process);
+  `JAX_PLATFORMS=cpu` unless already set.
 
-Each line a process prints is prefixed with ``[i] `` (stdout and stderr kept apart).
+Each line a process prints is prefixed with `[i] ` (stdout and stderr kept apart).
 SIGINT, SIGTERM and SIGHUP sent to the launcher are forwarded to every process; the
-processes die with the launcher (``PR_SET_PDEATHSIG``) even when it is SIGKILLed.
+processes die with the launcher (`PR_SET_PDEATHSIG`) even when it is SIGKILLed.
 
 When a process exits with a failure, the launcher prints one line naming it, gives the
-others ``--grace_s`` seconds to stop by themselves (their JAX runtime notices the lost
+others `--grace_s` seconds to stop by themselves (their JAX runtime notices the lost
 peer), then sends SIGTERM and, 5 s later, SIGKILL. Exit status: 0 when every process
 succeeded, else the first failure's status (128 + signal number for a signal).
 """
@@ -42,7 +42,7 @@ TERM_TO_KILL_S = 5.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` now (the OS's choice)."""
+    """A TCP port that is free on `host` now (the OS's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -56,7 +56,7 @@ def process_env(
     process_id: int,
     devices_per_process: int = 0,
 ) -> dict[str, str]:
-    """The environment of process ``process_id`` of the job."""
+    """The environment of process `process_id` of the job."""
     env = dict(base)
     env.update(
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",

@@ -157,8 +157,8 @@ def main() -> None:
     p.add_argument("--worker", action="store_true")
     p.add_argument("--model", default="default", choices=sorted(MODELS))
     p.add_argument("--models", default="default,resnet4-anode")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     if args.worker:
         _worker(args.model, args.steps)

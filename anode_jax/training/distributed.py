@@ -1,7 +1,7 @@
 """Multi-process training on JAX's distributed runtime (multi-controller SPMD).
 
-Every process runs the same trainer command. :func:`initialize` connects it to the
-coordination service (``jax.distributed.initialize``); from then on ``jax.devices()`` lists
+Every process runs the same trainer command. `initialize` connects it to the
+coordination service (`jax.distributed.initialize`); from then on `jax.devices()` lists
 the devices of all processes, the mesh of :mod:`anode_jax.training.sharding` spans them,
 and XLA's cross-process collectives (gloo over TCP on CPU, NCCL on GPU, ICI on TPU) carry
 the gradient all-reduce and the BatchNorm batch statistics, so the step computes the same
@@ -9,21 +9,21 @@ function as one process holding the whole global batch.
 
 Where the process count and index come from, in order:
 
-1. ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES`` and
-   ``JAX_PROCESS_ID``, as set by ``python -m anode_jax.launch`` or by hand. JAX itself only
+1. `JAX_COORDINATOR_ADDRESS` (`host:port` of process 0), `JAX_NUM_PROCESSES` and
+   `JAX_PROCESS_ID`, as set by `python -m anode_jax.launch` or by hand. JAX itself only
    reads the first of the three, so they are parsed here and passed on explicitly
-   (without that, ``jax.distributed.initialize()`` fails with "Number of processes must be
+   (without that, `jax.distributed.initialize()` fails with "Number of processes must be
    defined").
-2. Otherwise JAX's cluster detection: SLURM (``srun``), Open MPI (``mpirun``), Cloud TPU
+2. Otherwise JAX's cluster detection: SLURM (`srun`), Open MPI (`mpirun`), Cloud TPU
    pods, Kubernetes.
 
-Data: each process gathers only its rows of each global batch (:func:`process_rows`): rows
-``[p * B / P, (p + 1) * B / P)`` of the global batch of ``B`` rows on ``P`` processes, which
-are the rows the mesh places on process ``p``'s devices (checked by
-:func:`check_mesh_layout`).
+Data: each process gathers only its rows of each global batch (`process_rows`): rows
+`[p * B / P, (p + 1) * B / P)` of the global batch of `B` rows on `P` processes, which
+are the rows the mesh places on process `p`'s devices (checked by
+`check_mesh_layout`).
 
 Losing a process: the coordination service declares a process dead after
-``heartbeat_timeout_seconds`` without a heartbeat and the survivors' runtime aborts them;
+`heartbeat_timeout_seconds` without a heartbeat and the survivors' runtime aborts them;
 a collective whose peer died fails as soon as its TCP connection breaks. The local
 launcher (:mod:`anode_jax.launch`) additionally stops the survivors itself after a short
 grace period, with one line naming the lost process.
@@ -53,10 +53,10 @@ INITIALIZATION_TIMEOUT_S = 120
 
 
 def cluster_from_env(environ=None) -> tuple[str, int, int] | None:
-    """``(coordinator_address, num_processes, process_id)`` from the ``JAX_*`` variables.
+    """`(coordinator_address, num_processes, process_id)` from the `JAX_*` variables.
 
-    ``None`` when ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are both unset (leave it to
-    JAX's cluster detection). Raises :class:`ConfigError` (one line) when only some are set
+    `None` when `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` are both unset (leave it to
+    JAX's cluster detection). Raises `ConfigError` (one line) when only some are set
     or a value is not a valid integer / range.
     """
     env = os.environ if environ is None else environ
@@ -94,8 +94,8 @@ def initialize(
     heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
     initialization_timeout_s: int = INITIALIZATION_TIMEOUT_S,
 ) -> None:
-    """Connect this process to the job (``jax.distributed.initialize``); call before any
-    other JAX use. A no-op when already connected. Raises :class:`ConfigError` (one line)
+    """Connect this process to the job (`jax.distributed.initialize`); call before any
+    other JAX use. A no-op when already connected. Raises `ConfigError` (one line)
     when the cluster cannot be determined."""
     if jax.distributed.is_initialized():
         return
@@ -157,7 +157,7 @@ def _exit_now_if_failed() -> None:
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-    """Rows of a global batch of ``batch_size`` that process ``process_index`` feeds."""
+    """Rows of a global batch of `batch_size` that process `process_index` feeds."""
     if batch_size % process_count:
         raise ConfigError(
             f"batch size {batch_size} is not divisible by the {process_count} processes"
@@ -168,8 +168,8 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> sli
 
 def check_mesh_layout(mesh) -> None:
     """Each process's devices must hold one contiguous block of the data axis, in process
-    order, and every process must have devices in the mesh (so :func:`process_rows` is the
-    set of rows its devices hold). Raises :class:`ConfigError` otherwise."""
+    order, and every process must have devices in the mesh (so `process_rows` is the
+    set of rows its devices hold). Raises `ConfigError` otherwise."""
     procs = [d.process_index for d in mesh.devices.flat]
     blocks = [p for k, p in enumerate(procs) if k == 0 or procs[k - 1] != p]
     if blocks != list(range(jax.process_count())) or len(set(procs)) != jax.process_count():
@@ -187,11 +187,11 @@ def check_mesh_layout(mesh) -> None:
 
 
 def put_rows(arrays, indices: np.ndarray, sharding):
-    """The global batch ``arrays[k][indices]`` as sharded global jax arrays, reading only
-    this process's rows of it (``indices[process_rows(...)]``).
+    """The global batch `arrays[k][indices]` as sharded global jax arrays, reading only
+    this process's rows of it (`indices[process_rows(...)]`).
 
-    ``arrays``: a tuple of host arrays indexed along axis 0 (the whole split); ``indices``:
-    the global batch's example indices (length ``B``). One process: a plain device_put.
+    `arrays`: a tuple of host arrays indexed along axis 0 (the whole split); `indices`:
+    the global batch's example indices (length `B`). One process: a plain device_put.
     """
     if jax.process_count() == 1:
         return jax.device_put(tuple(a[indices] for a in arrays), sharding)
