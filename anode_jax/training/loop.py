@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from anode_jax.data import Dataset, TrainOrder, eval_batches, load_dataset, pad_batch
+from anode_jax.training import distributed
 from anode_jax.training import sharding as shd
 from anode_jax.training.checkpoints import Checkpointer
 from anode_jax.training.config_validation import (
@@ -111,7 +112,7 @@ def _setup(config, workdir: str) -> _Setup:
     notes = validate_config(config, num_devices=1 if config.distributed else None)
     check_workdir(workdir)
     if config.distributed:
-        jax.distributed.initialize()
+        distributed.initialize()  # reads JAX_NUM_PROCESSES/JAX_PROCESS_ID (JAX does not)
         validate_config(config)  # the batch split over the devices of all processes
     is_main = jax.process_index() == 0
     for note in notes:
@@ -146,6 +147,8 @@ def _setup_locked(
     config, workdir: str, is_main: bool, lock: WorkdirLock, dataset: Dataset, order: TrainOrder
 ) -> _Setup:
     mesh = shd.make_mesh(config.num_devices)
+    if jax.process_count() > 1:
+        distributed.check_mesh_layout(mesh)
     spe = order.steps_per_epoch
     model = build_model(config, dataset.num_classes)
     schedule = make_lr_schedule(config, spe)
@@ -242,6 +245,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Holds the workdir's lock for the whole run (see training/workdir_lock.py).
     """
+    with distributed.exit_at_once_on_error():
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     setup = _setup(config, workdir)
     try:
         return _train(setup)
@@ -303,7 +311,7 @@ def _train(setup: _Setup) -> dict[str, Any]:
     try:
         for step in range(start_step, total):
             idx = order.indices(step)
-            images, labels = shd.put_batch((ds.train_images[idx], ds.train_labels[idx]), bsh)
+            images, labels = distributed.put_rows((ds.train_images, ds.train_labels), idx, bsh)
             state, m = train_step(state, images, labels)
             window.append(m)
             done, epoch = step + 1, step // spe + 1

@@ -3,11 +3,9 @@ it, parameters and optimizer state replicated. XLA's SPMD partitioner inserts th
 gradient all-reduce (and the cross-device batch-norm statistics), so a sharded step
 computes the same function as a single-device step.
 
-Multi-host (GPU clusters, TPU pods): set ``config.distributed = True`` to call
-``jax.distributed.initialize()`` first (it reads the coordinator address, process count
-and index from the environment on TPU/SLURM/Open MPI, or from the ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` variables). Each process then loads the
-rows of the global batch that belong to its local devices.
+Multi-process (GPU clusters, TPU pods, several CPU processes): set
+``config.distributed = True``; see anode_jax/training/distributed.py for how the processes
+connect and which rows of each global batch a process feeds.
 """
 
 from __future__ import annotations

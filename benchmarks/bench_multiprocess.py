@@ -1,0 +1,199 @@
+"""Train-step throughput: 1 process x 2 devices vs 2 processes x 1 device (same global batch).
+
+    python benchmarks/bench_multiprocess.py            # writes docs/bench_multiprocess.{json,md}
+    python benchmarks/bench_multiprocess.py --repeats=1 --steps=4   # a quick look
+
+Both layouts run the trainer's jitted train step (`compile_steps`) on the same 2-device
+mesh shape; the 2-process layout is started with `python -m anode_jax.launch` and its
+gradient all-reduce and BatchNorm statistics cross processes through gloo (TCP on
+loopback) instead of shared memory. On a 2-core machine there is nothing to gain: the
+ratio is the overhead of the cross-process path. Layouts are interleaved (A, B, A, B, ...)
+and each figure is the median over repeats of the median step time (after 2 warm-up
+steps), so slow drift of the machine's load hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+CIFAR_DIR = os.environ.get(
+    "ANODE_CIFAR10_DIR", os.path.join(REPO, "..", "shared", "data", "cifar10")
+)
+if not os.path.isdir(CIFAR_DIR):
+    CIFAR_DIR = "/work/shared/data/cifar10"
+
+# name -> (config name, config arg, overrides)
+MODELS = {
+    "default": ("default", None, {}),
+    "resnet4-anode": ("cifar10", "resnet4-anode", {"batch_size": 32}),
+}
+
+
+def _worker(model: str, steps: int) -> None:
+    sys.path.insert(0, REPO)
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        from anode_jax.training import distributed
+
+        distributed.initialize()
+    import jax
+    import numpy as np
+
+    from anode_jax.data import TrainOrder, load_dataset
+    from anode_jax.training import distributed, get_config
+    from anode_jax.training import sharding as shd
+    from anode_jax.training.loop import compile_steps, init_state
+    from anode_jax.training.train_state import build_model, make_lr_schedule, make_optimizer
+
+    name, arg, overrides = MODELS[model]
+    cfg = get_config(name, arg)
+    for k, v in overrides.items():
+        cfg[k] = v
+    if cfg.data.name != "digits":
+        cfg.data.dir = CIFAR_DIR
+    ds = load_dataset(cfg.data.name, cfg.data.dir)
+    order = TrainOrder(ds.num_train, cfg.batch_size, cfg.seed)
+    mesh = shd.make_mesh(0)
+    model_ = build_model(cfg, ds.num_classes)
+    schedule = make_lr_schedule(cfg, order.steps_per_epoch)
+    tx = make_optimizer(cfg, schedule)
+    state = init_state(model_, tx, cfg.seed, ds.image_shape, mesh)
+    train_step, _ = compile_steps(model_, tx, ds, cfg.data, mesh, schedule)
+    bsh = shd.batch_sharded(mesh)
+    times = []
+    for step in range(steps + 2):
+        t = time.perf_counter()
+        x, y = distributed.put_rows((ds.train_images, ds.train_labels), order.indices(step), bsh)
+        state, m = train_step(state, x, y)
+        distributed.host_value(m["loss"])  # waits for the step
+        times.append(time.perf_counter() - t)
+    if jax.process_index() == 0:
+        out = {
+            "median_step_s": statistics.median(times[2:]),
+            "batch_size": cfg.batch_size,
+            "devices": len(mesh.devices.flat),
+            "processes": jax.process_count(),
+            "loss": float(np.asarray(distributed.host_value(m["loss"]))),
+        }
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run(layout: str, model: str, steps: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    worker = [os.path.abspath(__file__), "--worker", f"--model={model}", f"--steps={steps}"]
+    if layout == "1x2":
+        cmd = [sys.executable, *worker]
+        env["JAX_NUM_CPU_DEVICES"] = "2"
+    else:
+        cmd = [sys.executable, "-m", "anode_jax.launch", "--num_processes=2", "--", *worker]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    lines = [x for x in r.stdout.splitlines() if "RESULT " in x]
+    if r.returncode or not lines:
+        raise SystemExit(f"{layout} {model} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(lines[0].split("RESULT ", 1)[1])
+
+
+def _machine() -> dict:
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _common import machine
+
+    info = machine()
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), "")
+    except OSError:
+        pass
+    import jaxlib
+
+    info.update(
+        cpu_model=model,
+        jaxlib=jaxlib.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        collectives="gloo (TCP, loopback)",
+    )
+    return info
+
+
+def _markdown(payload: dict) -> str:
+    m = payload["machine"]
+    lines = [
+        "# Multi-process overhead: 1 process x 2 devices vs 2 processes x 1 device",
+        "",
+        "Generated by `benchmarks/bench_multiprocess.py` from `docs/bench_multiprocess.json`;"
+        " do not edit.",
+        "",
+        f"Machine: {m['cpu_model']} ({m['cpu_count']} cores), jax {m['jax']}, jaxlib "
+        f"{m['jaxlib']}, XLA_FLAGS `{m['xla_flags'] or '(none)'}`, CPU collectives "
+        f"{m['collectives']}, {m['date']}; load average during the run "
+        f"{payload['load_before'][0]:.1f} -> {payload['load_after'][0]:.1f} (1 min).",
+        "",
+        f"Train step of the trainer (`compile_steps`), median over {payload['repeats']} "
+        f"interleaved repeats of the median of {payload['steps']} steps (after 2 warm-up "
+        "steps); host-to-device batch transfer included.",
+        "",
+        "| model | global batch | 1 proc x 2 dev (s/step) | 2 proc x 1 dev (s/step) | "
+        "2-process / 1-process |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for model, row in payload["results"].items():
+        lines.append(
+            f"| {model} | {row['batch_size']} | {row['1x2_s']:.4f} | {row['2x1_s']:.4f} | "
+            f"{row['ratio']:.2f}x |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--model", default="default", choices=sorted(MODELS))
+    p.add_argument("--models", default="default,resnet4-anode")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    if args.worker:
+        _worker(args.model, args.steps)
+        return
+    load_before = os.getloadavg()
+    results = {}
+    for model in args.models.split(","):
+        runs: dict[str, list[dict]] = {"1x2": [], "2x1": []}
+        for _ in range(args.repeats):
+            for layout in ("1x2", "2x1"):
+                runs[layout].append(_run(layout, model, args.steps))
+                print(model, layout, runs[layout][-1], flush=True)
+        a = statistics.median(r["median_step_s"] for r in runs["1x2"])
+        b = statistics.median(r["median_step_s"] for r in runs["2x1"])
+        results[model] = {
+            "batch_size": runs["1x2"][0]["batch_size"],
+            "1x2_s": a,
+            "2x1_s": b,
+            "ratio": b / a,
+            "runs": runs,
+        }
+    payload = {
+        "machine": _machine(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "results": results,
+    }
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _common import write_results
+
+    write_results("bench_multiprocess", payload, _markdown(payload))
+    print(_markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
