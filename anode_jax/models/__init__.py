@@ -34,6 +34,7 @@ from ._networks import (
     create_model,
 )
 from ._norm import NORM_NAMES, STATS_COLLECTION, BatchNorm, BatchStatNorm, num_groups
+from ._odeint_linen import odeint_linen
 from ._rda import (
     Q_NAMES,
     conv_rhs,
@@ -75,6 +76,7 @@ __all__ = [
     "kernel_gradient",
     "kernel_laplacian",
     "num_groups",
+    "odeint_linen",
     "parameter_field",
     "rda_rhs",
     "tap_operators",

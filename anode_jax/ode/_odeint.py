@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import types
+import weakref
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +41,12 @@ def odeint(
       vector_field: f(t, y, args) -> dy/dt with y's pytree structure, shapes and dtypes. t is a
         scalar array (float64 under jax_enable_x64, else float32).
       y0: initial state, a pytree of floating-point arrays (float32, float64 or bfloat16).
-      args: parameters, any pytree of arrays; gradients flow to its floating-point leaves.
-        Traced values that `vector_field` captures by closure are supported too: they are hoisted
-        into the differentiated inputs (closure conversion), so every strategy sees them.
+      args: parameters, any pytree. Array leaves (JAX or NumPy arrays, NumPy scalars) are
+        traced and gradients flow to the floating-point ones; every other leaf (a Python int,
+        float, bool or string, e.g. a size used as a shape) is static: the vector field sees it
+        as the Python value, and a new value compiles a new solve. Traced values that
+        `vector_field` captures by closure are supported too: they are hoisted into the
+        differentiated inputs (closure conversion), so every strategy sees them.
       t0, t1: the interval (defaults 0 and 1; t1 < t0 integrates backwards). Python numbers
         (t1 != t0) take the fixed-grid path; traced scalars (under `jit`, `vmap`, `grad`) are
         solved on [0, 1] by time normalisation (docs/core.md, "Many output times and times as
@@ -52,11 +59,16 @@ def odeint(
         solvers take one step per interval of its time vector by default, num_steps=1 here).
       num_steps: Nt >= 1 fixed steps of size (t1 - t0) / Nt (per interval of `ts`).
       solver: "euler", "midpoint" (RK2), "heun", "rk4", any explicit ButcherTableau, or
-        another AbstractSolver.
+        another AbstractSolver (see `anode_jax.ode.solvers`).
       adjoint: gradient strategy: "anode" (default: exact, O(L)+O(Nt) memory), "direct",
-        "checkpointed:K" / Checkpointed(K) (exact, at most K states of a block), or "backsolve"
-        (Neural ODE adjoint; approximate, baseline only). With `ts`, every strategy runs per
-        interval inside one `lax.scan` and also stores the n outputs.
+        "checkpointed:K" / Checkpointed(K) (exact, at most K states of a block), "reversible"
+        (with a reversible solver) or "backsolve" (Neural ODE adjoint; approximate, baseline
+        only). With `ts`, every strategy runs per interval inside one `lax.scan` and also
+        stores the n outputs. Every exact strategy supports reverse-over-reverse
+        differentiation (grad of grad, Hessian-vector products). Forward mode (`jax.jvp`,
+        `jax.jacfwd`, `jax.linearize` on the solve) needs adjoint="direct": the other
+        strategies define a custom VJP and raise a TypeError naming it; forward-over-reverse
+        (`jax.jvp` of `jax.grad`, `jax.hessian`) works with every strategy.
       unroll: unroll the time loop (True), loop with `lax.scan` (False: program size and compile
         time independent of Nt), unroll up to n steps (int), or None (default): loop, except
         for vector fields with plain `lax.conv_general_dilated` on CPU, which unroll up to 16
@@ -70,13 +82,21 @@ def odeint(
 
     Raises:
       TypeError: `ts` together with `t0`/`t1`; `ts` not a floating array; a non-floating
-        traced time.
+        traced time; forward-mode differentiation through a strategy other than "direct".
       ValueError: `ts` not 1-D with n >= 2, not finite or not strictly monotone (concrete);
-        static t1 == t0; plus the errors listed in docs/core.md, "Errors".
+        static t1 == t0; plus the errors listed in docs/core.md, "Errors" (a bad argument is
+        named in the message with the valid choices; a vector field whose output does not
+        match y).
+
+    Compilation: the solve is compiled once per vector-field object, static configuration,
+    static `args` leaves and argument shapes/dtypes, and reused by later calls, also eager
+    ones and eager `jax.grad`s (as under `jax.jit`, values the vector field reads by closure
+    from Python objects are fixed at the first call; pass changing values in `args`). Flax
+    modules: call submodules inside a solve through `anode_jax.models.odeint_linen`.
     """
     if ts is not None or _times.is_traced(t0) or _times.is_traced(t1):
         return _times.odeint_times(
-            vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps, solver=solver,
+            odeint, vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps, solver=solver,
             adjoint=adjoint, unroll=unroll,
         )  # fmt: skip
     if not callable(vector_field):
@@ -94,18 +114,140 @@ def odeint(
     if unroll is not None and not isinstance(unroll, (bool, int)):
         raise TypeError(f"unroll must be None, a bool or an int, got {type(unroll).__name__}.")
     _check_state(y0)
+    config = _Config(solver, strategy, t0, t1, num_steps, unroll)
+    dynamic, static = _partition_args(args)
+    try:
+        compiled = _cached_solve(vector_field, config, static)
+        if compiled is not None:
+            return compiled(y0, dynamic)
+        return _solve(vector_field, y0, dynamic, static, config)
+    except jax.errors.UnexpectedTracerError as err:
+        raise TypeError(_LEAK_MESSAGE) from err
+    except TypeError as err:
+        if _FORWARD_MODE_ERROR not in str(err):
+            raise
+        raise TypeError(
+            f"odeint: adjoint={strategy.name!r} defines a custom VJP and cannot be "
+            'differentiated in forward mode (jax.jvp, jax.jacfwd, jax.linearize); use adjoint="direct" '
+            "for forward mode (forward-over-reverse, e.g. jax.hessian, works with every adjoint)."
+        ) from None
 
+
+_LEAK_MESSAGE = (
+    "odeint: the vector field leaked a traced value out of the solve (it stored an intermediate "
+    "outside its return value); a Flax submodule called by closure does this when it creates "
+    "its variables inside the solve: call it through "
+    "anode_jax.models.odeint_linen(self, y0, method=lambda m, t, y, args: ...)."
+)
+
+# JAX's message for jvp of a custom_vjp function (jax._src.custom_derivatives).
+_FORWARD_MODE_ERROR = "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static configuration of one solve (hashable: a cache key)."""
+
+    solver: AbstractSolver
+    strategy: AbstractAdjoint
+    t0: float
+    t1: float
+    num_steps: int
+    unroll: bool | int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticArgs:
+    """The non-array leaves of `args` and where they go (hashable when the leaves are)."""
+
+    treedef: Any
+    is_array: tuple[bool, ...]
+    values: tuple[Any, ...]
+    kinds: tuple[type, ...]  # in the key too: 1, 1.0 and True are equal but act differently
+
+    def merge(self, dynamic: list) -> PyTree:
+        arrays, values = iter(dynamic), iter(self.values)
+        return jax.tree.unflatten(
+            self.treedef, [next(arrays) if a else next(values) for a in self.is_array]
+        )
+
+
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def _partition_args(args) -> tuple[list, _StaticArgs]:
+    """(array leaves of args, the static rest): Python scalars and other objects are static."""
+    leaves, treedef = jax.tree.flatten(args)
+    is_array = tuple(_is_array(leaf) for leaf in leaves)
+    dynamic = [leaf for leaf, a in zip(leaves, is_array) if a]
+    static = tuple(leaf for leaf, a in zip(leaves, is_array) if not a)
+    return dynamic, _StaticArgs(treedef, is_array, static, tuple(map(type, static)))
+
+
+class _WithStaticArgs:
+    """f(t, y, array leaves of args) for f(t, y, args) with the static leaves filled in."""
+
+    def __init__(self, vector_field, static: _StaticArgs):
+        self.vector_field, self.static = vector_field, static
+
+    def __call__(self, t, y, dynamic):
+        return self.vector_field(t, y, self.static.merge(dynamic))
+
+
+# Compiled solves per vector field, weakly keyed: an entry lives as long as its field (for a
+# bound method, its instance), so fields created per call do not accumulate.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CACHE_MISSES = [0]
+
+
+def _cached_solve(vector_field, config: _Config, static: _StaticArgs):
+    """jax.jit(solve) for this field and static configuration, or None when uncacheable
+    (a field or static leaf that cannot be hashed or weakly referenced)."""
+    if isinstance(vector_field, types.MethodType):
+        owner, func = vector_field.__self__, vector_field.__func__
+    else:
+        owner, func = vector_field, None
+    try:
+        per_field = _COMPILED.get(owner)
+        key = (func, config, static)
+        hash(key)
+        if per_field is None:
+            per_field = _COMPILED[owner] = {}
+    except TypeError:
+        return None
+    compiled = per_field.get(key)
+    if compiled is None:
+        _CACHE_MISSES[0] += 1
+        owner_ref = weakref.ref(owner)
+
+        def solve(y0, dynamic):
+            owner = owner_ref()
+            field = owner if func is None else types.MethodType(func, owner)
+            return _solve(field, y0, dynamic, static, config)
+
+        compiled = per_field[key] = jax.jit(solve)
+    return compiled
+
+
+def _solve(vector_field, y0, dynamic, static: _StaticArgs, config: _Config) -> PyTree:
+    """The solve itself: output check, loop policy, closure conversion, strategy."""
+    if any(not a for a in static.is_array):
+        vector_field = _WithStaticArgs(vector_field, static)
+        args = dynamic
+    else:
+        args = static.merge(dynamic)
+    solver, strategy = config.solver, config.strategy
     t_example = jnp.zeros((), _loop.time_dtype())
     _check_output(vector_field, t_example, y0, args)
-
     spec = SolveSpec(
         solver,
-        t0,
-        t1,
-        num_steps,
-        _policy.resolve_unroll(unroll, num_steps, vector_field, t_example, y0, args),
+        config.t0,
+        config.t1,
+        config.num_steps,
+        _policy.resolve_unroll(config.unroll, config.num_steps, vector_field, t_example, y0, args),
     )
-    t_start = jnp.asarray(t0, _loop.time_dtype())
+    t_start = jnp.asarray(config.t0, _loop.time_dtype())
     state0 = solver.init(vector_field, t_start, y0, args)
     if not strategy.needs_closure_conversion:
         return solver.output(strategy.solve(vector_field, state0, args, spec))
@@ -166,7 +308,16 @@ def _check_state(y0) -> None:
 
 
 def _check_output(vector_field, t, y0, args) -> None:
-    out = jax.eval_shape(vector_field, t, y0, args)
+    # Leak checking turns a vector field that stores a traced value outside its output (a Flax
+    # submodule creating its variables inside the solve) into an error here, at its first
+    # trace, instead of leaked tracers in the caller's variables.
+    try:
+        with jax.checking_leaks():
+            out = jax.eval_shape(vector_field, t, y0, args)
+    except Exception as err:  # JAX's leak checker raises a plain Exception
+        if "Leaked trace" not in str(err):
+            raise
+        raise TypeError(_LEAK_MESSAGE) from err
     y_struct = jax.tree.structure(y0)
     out_struct = jax.tree.structure(out)
     if out_struct != y_struct:

@@ -1,19 +1,23 @@
 """Checkpointed: at most k states of a block alive; binomial (revolve) recomputation.
 
-The backward pass follows a schedule computed once in Python (`revolve_schedule`): a list of
-actions, each "take the state held in slot `src` (the state y_n0), advance it to y_n1, then
-either store it in slot `dst` or backpropagate through step n1". The looped policy runs the
-list in one `lax.scan` over a buffer of k slots, so the compiled program does not grow with Nt;
+The backward pass follows a schedule planned once in Python (`revolve_schedule`, O(Nt) with
+the split points in closed form from Griewank's binomial table, cached): a list of actions,
+each "take the state held in slot `src` (the state y_n0), advance it to y_n1, then either store
+it in slot `dst` or backpropagate through step n1". The looped policy runs the list in one
+`lax.scan` of static length over a buffer of k slots (the schedule is an array it reads), so
+the compiled program does not grow with Nt and can itself be differentiated in reverse mode;
 the unrolled policy runs the same list in Python.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -21,33 +25,44 @@ from anode_jax.ode import _loop
 from anode_jax.ode.adjoints.base import AbstractAdjoint, SolveSpec, forward, tree_add
 
 
-@functools.cache
-def _revolve_table(num_steps: int, free_slots: int) -> tuple[tuple[int, ...], ...]:
-    """best_split[s][t]: the first split that reverses t steps with s free slots cheapest.
+def _binomial_table(num_checkpoints: int, num_steps: int) -> list[list[int]]:
+    """beta[c][r] = C(c + r, c) for c = 0..K + 1 and r = 0..R, R the least r with
+    beta[K][r] >= num_steps (K = num_checkpoints >= 2)."""
+    beta = [[1] for _ in range(num_checkpoints + 2)]
+    while beta[num_checkpoints][-1] < num_steps:
+        r = len(beta[0])
+        beta[0].append(1)
+        for c in range(1, num_checkpoints + 2):
+            beta[c].append(beta[c][r - 1] + beta[c - 1][r])  # Pascal's rule
+    return beta
 
-    The state at the segment start is held; `free_slots` more states may be stored. Splitting
-    at m: advance m steps and store that state, reverse the last t - m steps with one slot
-    fewer, then reverse the first m with the slots freed again:
-        cost(t, s) = min_m  m + cost(t - m, s - 1) + cost(m, s),   cost(1, s) = 0,
-        cost(t, 0) = t (t - 1) / 2   (no slot: recompute every step's input from the start).
-    This recursion generates Griewank's (1992) binomial "revolve" schedules; the dynamic
-    programme makes the split optimal for it. Table built bottom-up: O(T² S) integer work.
+
+def revolve_cost(num_steps: int, num_checkpoints: int) -> int:
+    """The fewest forward steps recomputed to reverse `num_steps` steps when the block input is
+    held and at most `num_checkpoints` states (the input included) are alive (Griewank 1992;
+    Griewank & Walther 2000, Prop. 1):
+
+        cost = r·Nt − C(K + r, K + 1),   r the least integer with C(K + r, K) >= Nt.
+
+    K = 1 gives Nt (Nt − 1) / 2; K >= Nt gives Nt − 1 (each state computed once). The step whose
+    vector-Jacobian product is taken is not counted (each of the Nt VJPs evaluates its step).
     """
-    cost = [[t * (t - 1) // 2 for t in range(num_steps + 1)]]
-    split = [[0] * (num_steps + 1)]
-    for s in range(1, free_slots + 1):
-        cost_s, split_s = [0, 0], [0, 0]
-        for t in range(2, num_steps + 1):
-            best_m = min(range(1, t), key=lambda m: m + cost[s - 1][t - m] + cost_s[m])
-            cost_s.append(best_m + cost[s - 1][t - best_m] + cost_s[best_m])
-            split_s.append(best_m)
-        cost.append(cost_s)
-        split.append(split_s)
-    return tuple(tuple(row) for row in split)
+    k = min(num_checkpoints, num_steps)
+    if k == 1:
+        return num_steps * (num_steps - 1) // 2
+    if k == num_steps:
+        return num_steps - 1
+    beta = _binomial_table(k, num_steps)
+    reps = bisect.bisect_left(beta[k], num_steps)
+    return reps * num_steps - (beta[k + 1][reps - 1] if reps >= 1 else 0)
 
 
 class Action(NamedTuple):
-    """Load slot `src` (holding y_n0), advance to y_n1; store in `dst`, or VJP step n1."""
+    """Load slot `src` (holding y_n0), advance to y_n1; store in `dst`, or VJP step n1.
+
+    An action with vjp=False recomputes n1 − n0 steps; one with vjp=True recomputes n1 − n0
+    steps and then backpropagates through step n1 (evaluating it once more inside the VJP).
+    """
 
     src: int
     dst: int  # -1 when the action backpropagates
@@ -56,37 +71,125 @@ class Action(NamedTuple):
     vjp: bool
 
 
-@functools.cache
-def revolve_schedule(num_steps: int, num_checkpoints: int) -> tuple[Action, ...]:
+class RevolveSchedule:
+    """The actions of a revolve reversal as NumPy columns; iterates as `Action`s.
+
+    Attributes:
+      src, dst, n0, n1: int32 arrays, one entry per action (`Action`'s fields).
+      vjp: bool array.
+      num_checkpoints: the number of state slots the schedule uses (slot 0 holds y_0).
+    """
+
+    def __init__(self, src, dst, n0, n1, vjp, num_checkpoints):
+        self.src = np.asarray(src, np.int32)
+        self.dst = np.asarray(dst, np.int32)
+        self.n0 = np.asarray(n0, np.int32)
+        self.n1 = np.asarray(n1, np.int32)
+        self.vjp = np.asarray(vjp, bool)
+        self.num_checkpoints = num_checkpoints
+        for column in (self.src, self.dst, self.n0, self.n1, self.vjp):
+            column.setflags(write=False)
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i) -> Action:
+        return Action(
+            int(self.src[i]), int(self.dst[i]), int(self.n0[i]), int(self.n1[i]), bool(self.vjp[i])
+        )
+
+    def __iter__(self):
+        columns = (self.src.tolist(), self.dst.tolist(), self.n0.tolist(), self.n1.tolist())
+        for src, dst, n0, n1, vjp in zip(*columns, self.vjp.tolist()):
+            yield Action(src, dst, n0, n1, vjp)
+
+    @property
+    def num_recomputed_steps(self) -> int:
+        """Σ (n1 − n0) over the actions: forward steps recomputed, VJP steps not counted."""
+        return int(np.sum(self.n1.astype(np.int64) - self.n0))
+
+
+@functools.lru_cache(maxsize=64)
+def revolve_schedule(num_steps: int, num_checkpoints: int) -> RevolveSchedule:
     """The backward schedule reversing `num_steps` steps with `num_checkpoints` slots.
 
     Slot 0 holds the block input y_0; at most `num_checkpoints` states are held at any time.
-    Every step n = Nt-1, ..., 0 is backpropagated exactly once, in that order.
+    Every step n = Nt-1, ..., 0 is backpropagated exactly once, in that order, and the number of
+    recomputed steps is the binomial minimum `revolve_cost(num_steps, num_checkpoints)`.
+
+    Recursion (Griewank's revolve): to reverse t steps from a held state with c slots, advance
+    m steps and store that state, reverse the last t − m steps with c − 1 slots, then the first
+    m with c. The first split is chosen in closed form from the binomial table: with r the
+    repetition number of (t, c), any m with C(c + r − 2, c) <= m <= C(c + r − 1, c) and
+    C(c − 1 + r − 1, c − 1) <= t − m <= C(c − 1 + r, c − 1) attains the minimum (both
+    sub-costs then lie on the linear piece of slope r, resp. r − 1, and Pascal's rule sums
+    them to `revolve_cost(t, c)`); the smallest such m is taken. Planning is O(Nt) integer work
+    (each action is emitted once, each split costs a bisection in the table), cached per
+    argument pair. Returns a `RevolveSchedule`, iterable as `Action`s.
     """
-    actions: list[Action] = []
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
+    if isinstance(num_checkpoints, bool) or not isinstance(num_checkpoints, int):
+        raise ValueError(f"num_checkpoints must be an int >= 1, got {num_checkpoints!r}.")
+    if num_checkpoints < 1:
+        raise ValueError(f"num_checkpoints must be an int >= 1, got {num_checkpoints!r}.")
     slots = min(num_checkpoints, num_steps)
+    # With a slot per step no split is needed (and no table: it would have Nt rows).
+    beta = _binomial_table(max(slots, 2), num_steps) if slots < num_steps else None
+    src, dst, n0, n1, vjp = _segment(num_steps, slots - 1, beta, {})
+    # Relative slot codes to slots: the block input is slot 0, free slot j is slot 1 + j.
+    src = np.where(src == _SOURCE, 0, src + 1)
+    dst = np.where(dst < 0, -1, dst + 1)
+    return RevolveSchedule(src, dst, n0, n1, vjp, slots)
 
-    def reverse(first, last, src, free):
-        t = last - first
-        if t == 1:
-            actions.append(Action(src, -1, first, first, True))
-        elif not free:  # recompute every step's input from the segment start
-            for n in range(last - 1, first - 1, -1):
-                actions.append(Action(src, -1, first, n, True))
-        elif len(free) >= t - 1:  # every state fits: store each once, iteratively
-            held = [src, *free[: t - 1]]
-            for i in range(1, t):
-                actions.append(Action(held[i - 1], held[i], first + i - 1, first + i, False))
-            for i in range(t - 1, -1, -1):
-                actions.append(Action(held[i], -1, first + i, first + i, True))
-        else:
-            mid = first + _revolve_table(t, len(free))[len(free)][t]
-            actions.append(Action(src, free[0], first, mid, False))
-            reverse(mid, last, free[0], free[1:])
-            reverse(first, mid, src, free)
 
-    reverse(0, num_steps, 0, list(range(1, slots)))
-    return tuple(actions)
+# Slot code of a segment's source state in `_segment`'s relative schedules.
+_SOURCE = -2
+
+
+def _segment(num_steps: int, free: int, beta, memo: dict):
+    """The actions reversing `num_steps` steps from a held source state with `free` more slots,
+    relative to the segment: step indices from 0, slots coded `_SOURCE` or j >= 0 (the j-th
+    free slot), -1 for no slot. Memoized per (num_steps, free): segments of equal length and
+    budget recur throughout a schedule. The head of each split is followed as a loop, the tail
+    by recursion (depth <= K)."""
+    key = (num_steps, free)
+    if key in memo:
+        return memo[key]
+    parts = []
+    t = num_steps
+    while True:
+        if free == 0 or t == 1:  # recompute every step's input from the segment start
+            steps = np.arange(t - 1, -1, -1)
+            parts.append((np.full(t, _SOURCE), np.full(t, -1), np.zeros(t, np.int64), steps, True))
+            break
+        if free >= t - 1:  # every state fits: store each once, then reverse
+            held = np.concatenate([[_SOURCE], np.arange(t - 1)])
+            steps = np.arange(t)
+            parts.append((held[:-1], held[1:], steps[:-1], steps[1:], False))
+            parts.append((held[::-1], np.full(t, -1), steps[::-1], steps[::-1], True))
+            break
+        c = free + 1
+        reps = bisect.bisect_left(beta[c], t)
+        m = max(1, beta[c][reps - 2] if reps >= 2 else 0, t - beta[c - 1][reps])
+        parts.append((np.array([_SOURCE]), np.array([0]), np.array([0]), np.array([m]), False))
+        src, dst, n0, n1, vjp = _segment(t - m, free - 1, beta, memo)
+        # The tail's source is free slot 0 of this segment; its free slots are ours shifted by 1.
+        parts.append(
+            (
+                np.where(src == _SOURCE, 0, src + 1),
+                np.where(dst < 0, -1, dst + 1),
+                n0 + m,
+                n1 + m,
+                vjp,
+            )
+        )
+        t = m  # then reverse the head from the same source with the same slots
+    columns = [
+        np.concatenate([np.broadcast_to(p[i], np.shape(p[2])) for p in parts]) for i in range(5)
+    ]
+    memo[key] = tuple(columns)
+    return memo[key]
 
 
 def _step_vjp(step, spec: SolveSpec, n, y_n, args, ct_next, ct_args):
@@ -112,34 +215,55 @@ def _reverse_unrolled(step, spec, args, y0, ct, ct_args, schedule):
     return ct, ct_args
 
 
-def _reverse_looped(step, spec, args, y0, ct, ct_args, schedule, num_slots):
-    columns = [np.asarray(c, np.int32) for c in zip(*schedule)]
-    buffer = jax.tree.map(lambda leaf: jax.numpy.zeros((num_slots, *leaf.shape), leaf.dtype), y0)
+def _reverse_looped(step, spec, args, y0, ct, ct_args, schedule):
+    """Runs `schedule` in one `lax.scan` of static length: one iteration per step evaluation
+    (each recomputed step and each VJP), reading its action from the schedule's columns by a
+    carried (action, offset) counter. Static trip counts keep the reversal differentiable in
+    reverse mode (grad of grad); the schedule enters the program as O(actions) int32 arrays,
+    so the program does not grow with Nt."""
+    columns = jnp.asarray(
+        np.stack([schedule.src, schedule.dst, schedule.n0, schedule.n1, schedule.vjp], axis=1),
+        jnp.int32,
+    )
+    num_slots = schedule.num_checkpoints
+    buffer = jax.tree.map(lambda leaf: jnp.zeros((num_slots, *leaf.shape), leaf.dtype), y0)
     buffer = jax.tree.map(lambda b, leaf: b.at[0].set(leaf), buffer, y0)
+    num_rows = schedule.num_recomputed_steps + int(schedule.vjp.sum())
 
-    def advance(n, y):
-        return step(spec.time(n), y, args)
-
-    def body(carry, action):
-        buffer, ct, ct_args = carry
-        src, dst, n0, n1, is_vjp = action
-        y = jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, src, keepdims=False), buffer)
-        y = lax.fori_loop(n0, n1, advance, y)
+    def body(carry, _):
+        buffer, y, ct, ct_args, action, offset = carry
+        src, dst, n0, n1, is_vjp = columns[action]
+        advances = n1 - n0
+        rows = advances + is_vjp
+        n = n0 + offset
+        loaded = jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, src, keepdims=False), buffer)
+        y = jax.tree.map(lambda a, b: jnp.where(offset == 0, a, b), loaded, y)
 
         def backpropagate(operands):
-            buffer, y, ct, ct_args = operands
-            return (buffer, *_step_vjp(step, spec, n1, y, args, ct, ct_args))
+            y, ct, ct_args = operands
+            return (y, *_step_vjp(step, spec, n, y, args, ct, ct_args))
 
-        def store(operands):
-            buffer, y, ct, ct_args = operands
-            buffer = jax.tree.map(
-                lambda b, leaf: lax.dynamic_update_index_in_dim(b, leaf, dst, 0), buffer, y
-            )
-            return buffer, ct, ct_args
+        def advance(operands):
+            y, ct, ct_args = operands
+            return step(spec.time(n), y, args), ct, ct_args
 
-        return lax.cond(is_vjp != 0, backpropagate, store, (buffer, y, ct, ct_args)), None
+        y, ct, ct_args = lax.cond(offset == advances, backpropagate, advance, (y, ct, ct_args))
+        store = (is_vjp == 0) & (offset == rows - 1)
+        slot = jnp.maximum(dst, 0)
 
-    (_, ct, ct_args), _ = lax.scan(body, (buffer, ct, ct_args), columns)
+        def write(b, leaf):
+            kept = lax.dynamic_index_in_dim(b, slot, keepdims=False)
+            return lax.dynamic_update_index_in_dim(b, jnp.where(store, leaf, kept), slot, 0)
+
+        buffer = jax.tree.map(write, buffer, y)
+        done = offset == rows - 1
+        action = jnp.where(done, action + 1, action)
+        offset = jnp.where(done, 0, offset + 1)
+        return (buffer, y, ct, ct_args, action, offset), None
+
+    zero = jnp.zeros((), jnp.int32)
+    carry = (buffer, y0, ct, ct_args, zero, zero)
+    (_, _, ct, ct_args, _, _), _ = lax.scan(body, carry, None, length=num_rows)
     return ct, ct_args
 
 
@@ -165,8 +289,7 @@ def reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints):
     y0, ct, ct_args = _loop.tree_barrier(y0, ct_y1, ct_args)
     if spec.unroll:
         return _reverse_unrolled(step, spec, args, y0, ct, ct_args, schedule)
-    num_slots = min(num_checkpoints, spec.num_steps)
-    return _reverse_looped(step, spec, args, y0, ct, ct_args, schedule, num_slots)
+    return _reverse_looped(step, spec, args, y0, ct, ct_args, schedule)
 
 
 def _checkpointed_bwd(vector_field, spec, num_checkpoints, residuals, ct_y1):
