@@ -137,7 +137,9 @@ def _markdown(payload: dict) -> str:
         "",
         f"Train step of the trainer (`compile_steps`), median over {payload['repeats']} "
         f"interleaved repeats of the median of {payload['steps']} steps (after 2 warm-up "
-        "steps); host-to-device batch transfer included.",
+        "steps); host-to-device batch transfer included. Ratio above 1: the 2-process "
+        "layout is slower. Both layouts ran against the machine's other load (load average "
+        "above, on its core count).",
         "",
         "| model | global batch | 1 proc x 2 dev (s/step) | 2 proc x 1 dev (s/step) | "
         "2-process / 1-process |",
@@ -159,9 +161,16 @@ def main() -> None:
     p.add_argument("--models", default="default,resnet4-anode")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--markdown_only", action="store_true", help="regenerate the .md from the .json")
     args = p.parse_args()
     if args.worker:
         _worker(args.model, args.steps)
+        return
+    if args.markdown_only:
+        with open(os.path.join(REPO, "docs", "bench_multiprocess.json")) as f:
+            payload = json.load(f)
+        with open(os.path.join(REPO, "docs", "bench_multiprocess.md"), "w") as f:
+            f.write(_markdown(payload))
         return
     load_before = os.getloadavg()
     results = {}
