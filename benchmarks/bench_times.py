@@ -188,6 +188,35 @@ def saving_overhead(num_steps, repeats):
                 ratio=medians["ts, one interval"] / medians["final state"])  # fmt: skip
 
 
+def engine_probe(repeats, num_steps=100):
+    """Where the time goes: `ts` with num_steps intervals of one step vs the final-state form
+    with num_steps steps (the fixed-interval engine alone), against diffrax on the same grid."""
+    params, y0 = make_problem()
+    ts = np.linspace(0.0, 1.0, num_steps + 1).astype(np.float32)
+    mse = lambda y: jnp.mean(y**2)
+    cases = {
+        "anode, ts (1 step per interval)": lambda p, y: mse(
+            odeint(field, y, p, ts=ts, num_steps=1)[-1]
+        ),
+        "anode, final state": lambda p, y: mse(
+            odeint(field, y, p, t0=0.0, t1=1.0, num_steps=num_steps)
+        ),
+        "direct, final state": lambda p, y: mse(
+            odeint(field, y, p, t0=0.0, t1=1.0, num_steps=num_steps, adjoint="direct")
+        ),
+        "diffrax recursive": lambda p, y: mse(make_solve("diffrax recursive", ts, 1)(p, y)[-1]),
+    }
+    compiled = {k: jax.jit(jax.grad(f)).lower(params, y0).compile() for k, f in cases.items()}
+    times = {k: [] for k in compiled}
+    for _ in range(repeats):
+        for k, c in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(c(params, y0))
+            times[k].append(time.perf_counter() - start)
+    return dict(num_steps=num_steps, load=os.getloadavg()[0],
+                seconds={k: statistics.median(t) for k, t in times.items()})  # fmt: skip
+
+
 def markdown(payload):
     m = payload["machine"]
     lines = [
@@ -228,6 +257,18 @@ def markdown(payload):
             f"ts with one interval {s['seconds']['ts, one interval'] * 1e3:.2f} ms, "
             f"ratio {s['ratio']:.2f} (target ≤ 1.1)"
         )
+    probe = payload.get("probe")
+    if probe:
+        ref = probe["seconds"]["diffrax recursive"]
+        lines += [
+            "",
+            f"Engine probe ({probe['num_steps']} RK4 steps, gradient time, same run):",
+            "",
+        ]
+        lines += [
+            f"- {name}: {sec * 1e3:.1f} ms ({sec / ref:.2f}× diffrax recursive)"
+            for name, sec in probe["seconds"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +289,11 @@ def main():
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--probe_only",
+        action="store_true",
+        help="add the engine probe to an existing docs/bench_times.json",
+    )
+    parser.add_argument(
         "--max_direct_steps",
         type=int,
         default=1000,
@@ -260,10 +306,18 @@ def main():
         _common.machine(), cpu_model=cpu_model(), jaxlib=jaxlib.__version__,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
     )  # fmt: skip
+    if args.probe_only:
+        path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_times.json")
+        with open(path) as f:
+            payload = json.load(f)
+        payload["probe"] = engine_probe(max(args.repeats, 5))
+        _common.write_results("bench_times", payload, markdown(payload))
+        return
     rows, load = run(args.outputs, args.steps, args.repeats, args.max_direct_steps)
     saving = [saving_overhead(n, max(args.repeats, 5)) for n in (16, 64)]
     load.append(os.getloadavg()[0])
     payload = dict(machine=machine, repeats=args.repeats, load=load, rows=rows, saving=saving)
+    payload["probe"] = engine_probe(max(args.repeats, 5))
     _common.write_results("bench_times", payload, markdown(payload))
     print(json.dumps(saving, indent=1))
 

@@ -96,8 +96,8 @@ def odeint(
     """
     if ts is not None or _times.is_traced(t0) or _times.is_traced(t1):
         return _times.odeint_times(
-            odeint, vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps, solver=solver,
-            adjoint=adjoint, unroll=unroll,
+            odeint, vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps,
+            solver=solver, adjoint=adjoint, unroll=unroll,
         )  # fmt: skip
     if not callable(vector_field):
         raise TypeError(

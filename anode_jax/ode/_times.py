@@ -53,9 +53,9 @@ class _Normalised:
         return jax.tree.map(lambda leaf: leaf * span.astype(jnp.result_type(leaf)), dy)
 
 
-def _interval(odeint, vector_field, y, args, a, b, options) -> PyTree:
-    """y(b) from y(a) = y: one normalised fixed-interval solve by `odeint` (the caller's)."""
-    return odeint(_Normalised(vector_field), y, (args, a, b), t0=0.0, t1=1.0, **options)
+def _interval(solve, vector_field, y, args, a, b, options) -> PyTree:
+    """y(b) from y(a) = y: one normalised solve over [0, 1] by the fixed-interval `solve`."""
+    return solve(_Normalised(vector_field), y, (args, a, b), t0=0.0, t1=1.0, **options)
 
 
 def _scalar_time(name: str, value):
@@ -109,7 +109,7 @@ def check_ts(ts):
 
 
 def odeint_times(
-    odeint,
+    solve,
     vector_field: VectorField,
     y0: PyTree,
     args: PyTree,
@@ -123,8 +123,9 @@ def odeint_times(
     unroll,
 ) -> PyTree:
     """`odeint` for traced `t0`/`t1` (returns y(t1)) or output times `ts` (returns y at every
-    entry of `ts`, stacked on a new leading axis; entry 0 is y0). `odeint` is the fixed-interval
-    solver each interval calls (passed in, so this module does not import its caller)."""
+    entry of `ts`, stacked on a new leading axis; entry 0 is y0). `solve` is `odeint` itself,
+    called with static times [0, 1] on the normalised field (passed in, not imported, so the
+    two modules do not import each other)."""
     if not callable(vector_field):
         raise TypeError(
             f"vector_field must be callable f(t, y, args), got {type(vector_field).__name__}."
@@ -133,7 +134,7 @@ def odeint_times(
     if ts is None:
         a = _scalar_time("t0", 0.0 if t0 is None else t0)
         b = _scalar_time("t1", 1.0 if t1 is None else t1)
-        return _interval(odeint, vector_field, y0, args, a, b, options)
+        return _interval(solve, vector_field, y0, args, a, b, options)
     if t0 is not None or t1 is not None:
         raise TypeError(
             "odeint takes either t0=/t1= (returns y(t1)) or ts= (returns y at every entry of "
@@ -142,7 +143,7 @@ def odeint_times(
     ts = check_ts(ts)
 
     def body(y, interval):
-        y_next = _interval(odeint, vector_field, y, args, interval[0], interval[1], options)
+        y_next = _interval(solve, vector_field, y, args, interval[0], interval[1], options)
         return y_next, y_next
 
     _, ys = lax.scan(body, y0, (ts[:-1], ts[1:]))
