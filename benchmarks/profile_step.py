@@ -17,6 +17,9 @@ grouped by opcode and by the name scope in its metadata:
 * solver (stage arithmetic, time grid and loop bookkeeping under the ODE solve, outside the
   vector field's modules);
 * copies and transposes (opcodes `copy`, `transpose`, and fusions of only those);
+* YNNPACK dots: XLA's library rewriter wraps matrix products in `__ynn_fusion`s that carry
+  no metadata; they are the per-tap products of the conv gradients' `taps`/`gemm`
+  formulations (and the small dense layer), not attributable to input or weight gradient;
 * other (activations, residual adds, pooling, the loss, the optimizer update).
 
 Times are summed over events (on 2 cores XLA may run two independent thunks at once, so the
@@ -51,6 +54,7 @@ CATEGORIES = (
     "conv forward",
     "conv input gradient",
     "conv weight gradient",
+    "YNNPACK dots",
     "BatchNorm",
     "solver",
     "copies/transposes",
@@ -97,6 +101,10 @@ def hlo_instructions(text: str) -> dict[str, tuple[str, str, str]]:
 def category(opcode: str, op_name: str, fused: str) -> str | None:
     if opcode in _CONTAINERS:
         return None
+    if "__ynn_fusion" in fused.split() and not op_name:
+        # XLA's library rewriter wraps dots in YNNPACK fusions without metadata: the per-tap
+        # products of the conv gradients ("taps"/"gemm") and the dense layer
+        return "YNNPACK dots"
     if "conv_weight_grad" in op_name:
         return "conv weight gradient"
     if "conv_input_grad" in op_name:
