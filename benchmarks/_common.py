@@ -41,7 +41,7 @@ def machine() -> dict:
     """
     import jaxlib
 
-    from anode_jax.nn._autotune import cpu_description
+    from anode_jax.nn.autotune import cpu_description
 
     info = {
         **cpu_description(),

@@ -28,7 +28,6 @@ the target is the loop-safe choice within 1.1× of it. Writes docs/bench_conv.js
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -45,8 +44,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import _common
 
-from anode_jax.nn import _autotune, conv_general_dilated, weight_gradient_method
-from anode_jax.nn._conv import _input_grad, _weight_grad
+from anode_jax.nn import autotune, conv_general_dilated, weight_gradient_method
 
 DN = ("NHWC", "HWIO", "NHWC")
 #: the core benchmark's convolution (bench_core.py: 3×3, 16 channels, 16×16 pixels)
@@ -108,23 +106,29 @@ def measure(shape, args):
         return lax.conv_general_dilated(x, w, strides, pads, None, None, DN)
 
     g = jnp.asarray(rng.normal(size=jax.eval_shape(lax_conv, x, w).shape), jnp.float32)
+
     one = (1,) * (len(x_shape) - 2)
-    geometry = (strides, pads, one, one, 1, None)
-    methods = ("auto", "auto")
+
+    def safe_conv(x, w, **kwargs):
+        return conv_general_dilated(x, w, strides, pads, None, None, DN, **kwargs)
+
     programs = {
         "dw lax": (lambda x, g: jax.vjp(lambda w: lax_conv(x, w), w)[1](g)[0], (x, g)),
         "dx lax": (lambda w, g: jax.vjp(lambda x: lax_conv(x, w), x)[1](g)[0], (w, g)),
         "bwd lax": (lambda x, w, g: jax.vjp(lax_conv, x, w)[1](g), (x, w, g)),
     }
+    # One formulation pinned per program through the public keywords; under jit the unused
+    # primal and the other cotangent are dead code, so each program is that gradient alone.
     for m in ("conv", "taps", "gemm"):
-        fn = functools.partial(_weight_grad, m, w.shape, geometry=geometry, methods=methods)
-        programs[f"dw {m}"] = (fn, (x, g))
+        dw = lambda x, g, m=m: jax.vjp(
+            lambda w: safe_conv(x, w, weight_gradient=m, input_gradient="conv"), w
+        )[1](g)[0]
+        programs[f"dw {m}"] = (dw, (x, g))
     for m in ("conv", "taps"):
-        fn = functools.partial(_input_grad, m, x.shape, geometry=geometry, methods=methods)
-        programs[f"dx {m}"] = (lambda w, g, fn=fn: fn(g, w), (w, g))
-
-    def safe_conv(x, w, **kwargs):
-        return conv_general_dilated(x, w, strides, pads, None, None, DN, **kwargs)
+        dx = lambda w, g, m=m: jax.vjp(
+            lambda x: safe_conv(x, w, input_gradient=m, weight_gradient="conv"), x
+        )[1](g)[0]
+        programs[f"dx {m}"] = (dx, (w, g))
 
     programs["bwd safe"] = (lambda x, w, g: jax.vjp(safe_conv, x, w)[1](g), (x, w, g))
     if args.scan:
@@ -171,7 +175,7 @@ def measure(shape, args):
         "least_seconds": {name: min(ts) for name, ts in times.items()},
     }
     # what the autotuner chose when "bwd safe" was traced (its entries in this run's cache)
-    _autotune.clear_memory()
+    autotune.clear_memory()
     row["chosen"] = {}
     for kind in ("conv_weight_gradient", "conv_input_gradient"):
         fields = {
@@ -187,7 +191,7 @@ def measure(shape, args):
             "dtype": "float32",
             "precision": "None",
         }
-        entry = _autotune.lookup(json.dumps(fields, sort_keys=True, default=str))
+        entry = autotune.lookup(json.dumps(fields, sort_keys=True, default=str))
         row["chosen"][kind] = None if entry is None else entry["choice"]
         row[f"autotune_{kind}"] = entry
     return row

@@ -1,4 +1,4 @@
-"""Tests of the choice by measurement (anode_jax.nn._autotune) behind the loop-safe conv.
+"""Tests of the choice by measurement (anode_jax.nn.autotune) behind the loop-safe conv.
 
 No timed assertions: the choice logic is tested with `measure` replaced by fixed timings;
 the real `measure` is only checked to return a time per candidate that runs. Every cache
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from anode_jax.nn import _autotune, conv_general_dilated
+from anode_jax.nn import autotune, conv_general_dilated
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 ARGS = (jax.ShapeDtypeStruct((4,), jnp.float32),)
@@ -37,23 +37,23 @@ def tuner(tmp_path, monkeypatch):
         calls.append(tuple(candidates))
         return {k: v for k, v in {"a": 3e-3, "b": 1e-3, "c": 2e-3}.items() if k in candidates}
 
-    monkeypatch.setattr(_autotune, "measure", fake_measure)
-    _autotune.clear_memory()
+    monkeypatch.setattr(autotune, "measure", fake_measure)
+    autotune.clear_memory()
     yield calls
-    _autotune.clear_memory()
+    autotune.clear_memory()
 
 
 def _choose(**kwargs):
-    return _autotune.choose("test_op", FIELDS, CANDIDATES, ARGS, default="c", **kwargs)
+    return autotune.choose("test_op", FIELDS, CANDIDATES, ARGS, default="c", **kwargs)
 
 
 def test_miss_measures_picks_the_fastest_and_writes_the_cache(tuner, tmp_path):
     assert _choose() == "b"
     assert tuner == [("a", "b", "c")]
     files = list(tmp_path.glob("autotune-*.json"))
-    assert [f.name for f in files] == [os.path.basename(_autotune.cache_path())]
+    assert [f.name for f in files] == [os.path.basename(autotune.cache_path())]
     data = json.loads(files[0].read_text())
-    assert data["machine"] == json.loads(json.dumps(_autotune.machine_key()))
+    assert data["machine"] == json.loads(json.dumps(autotune.machine_key()))
     (entry,) = data["entries"].values()
     assert entry["choice"] == "b" and entry["seconds"] == {"a": 3e-3, "b": 1e-3, "c": 2e-3}
 
@@ -61,23 +61,23 @@ def test_miss_measures_picks_the_fastest_and_writes_the_cache(tuner, tmp_path):
 def test_hits_in_memory_then_on_disk_do_not_measure(tuner):
     assert _choose() == "b"
     assert _choose() == "b"  # memory
-    _autotune.clear_memory()
+    autotune.clear_memory()
     assert _choose() == "b"  # disk
     assert len(tuner) == 1
 
 
 def test_different_fields_are_different_entries(tuner):
     _choose()
-    _autotune.choose("test_op", {**FIELDS, "dtype": "float64"}, CANDIDATES, ARGS, default="c")
-    _autotune.choose("other_op", FIELDS, CANDIDATES, ARGS, default="c")
+    autotune.choose("test_op", {**FIELDS, "dtype": "float64"}, CANDIDATES, ARGS, default="c")
+    autotune.choose("other_op", FIELDS, CANDIDATES, ARGS, default="c")
     assert len(tuner) == 3
 
 
 def test_machine_key_decides_the_file(tuner, monkeypatch):
-    path = _autotune.cache_path()
+    path = autotune.cache_path()
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
-    assert _autotune.cache_path() != path
-    key = _autotune.machine_key()
+    assert autotune.cache_path() != path
+    key = autotune.machine_key()
     for field in ("cpu_model", "cpu_flags", "avx512", "cpu_cores", "backend", "jax", "jaxlib"):
         assert field in key
     assert key["xla_flags"] == "--xla_cpu_use_thunk_runtime=true"
@@ -87,7 +87,7 @@ def test_machine_key_decides_the_file(tuner, monkeypatch):
     "content", ["{not json", '{"entries": [1, 2]}', '{"machine": {}}', '{"entries": {"k": 3}}']
 )
 def test_corrupt_cache_file_warns_is_ignored_and_rewritten(tuner, content):
-    path = _autotune.cache_path()
+    path = autotune.cache_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(content)
@@ -103,9 +103,9 @@ def test_corrupt_cache_file_warns_is_ignored_and_rewritten(tuner, content):
 
 def test_cached_choice_that_is_no_longer_a_candidate_is_measured_again(tuner):
     _choose()
-    _autotune.clear_memory()
+    autotune.clear_memory()
     fewer = {"a": CANDIDATES["a"], "c": CANDIDATES["c"]}
-    assert _autotune.choose("test_op", FIELDS, fewer, ARGS, default="c") == "c"
+    assert autotune.choose("test_op", FIELDS, fewer, ARGS, default="c") == "c"
     assert len(tuner) == 2
 
 
@@ -121,7 +121,7 @@ def test_cache_mode_reads_but_never_measures(tuner, monkeypatch):
     assert tuner == []
     monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "on")
     assert _choose() == "b"
-    _autotune.clear_memory()
+    autotune.clear_memory()
     monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "cache")
     assert _choose() == "b"  # hit on disk
     assert len(tuner) == 1
@@ -144,7 +144,7 @@ def test_pin_wins_without_measuring(tuner, monkeypatch):
 
 
 def test_nothing_measurable_falls_back_to_the_default(tuner, monkeypatch):
-    monkeypatch.setattr(_autotune, "measure", lambda candidates, args: {})
+    monkeypatch.setattr(autotune, "measure", lambda candidates, args: {})
     with pytest.warns(RuntimeWarning, match="no candidate"):
         assert _choose() == "c"
 
@@ -154,7 +154,7 @@ def test_real_measure_times_each_runnable_candidate_and_skips_a_failing_one():
         raise RuntimeError("cannot run here")
 
     with pytest.warns(RuntimeWarning, match="'broken' failed"):
-        seconds = _autotune.measure({**CANDIDATES, "broken": broken}, ARGS, rounds=2)
+        seconds = autotune.measure({**CANDIDATES, "broken": broken}, ARGS, rounds=2)
     assert set(seconds) == {"a", "b", "c"}
     assert all(s > 0 for s in seconds.values())
 
@@ -168,7 +168,7 @@ def test_real_measure_feeds_inputs_of_the_given_dtype(dtype, recwarn):
         seen.append(x.dtype)
         return x * 2
 
-    seconds = _autotune.measure({"a": record, "b": lambda x: x + 1}, args, rounds=1)
+    seconds = autotune.measure({"a": record, "b": lambda x: x + 1}, args, rounds=1)
     assert set(seconds) == {"a", "b"}  # neither failed on a dtype mismatch
     assert seen == [jnp.dtype(dtype)]
     assert not [w for w in recwarn if "failed" in str(w.message)]
@@ -188,9 +188,9 @@ def test_real_measure_runs_a_clearly_slower_candidate_only_once():
 
         return jax.pure_callback(wait, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
 
-    seconds = _autotune.measure({"a": CANDIDATES["a"], "slow": slow}, ARGS, rounds=3)
+    seconds = autotune.measure({"a": CANDIDATES["a"], "slow": slow}, ARGS, rounds=3)
     assert len(calls) == 1  # the warm-up only
-    assert seconds["slow"] >= 0.2 > _autotune.PRUNE_FACTOR * seconds["a"]
+    assert seconds["slow"] >= 0.2 > autotune.PRUNE_FACTOR * seconds["a"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,14 +204,14 @@ def _conv(x, w, **kwargs):
 def test_conv_measures_once_per_shape_at_trace_time_under_jit_and_scan(tmp_path, monkeypatch, x64):
     monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "on")
     monkeypatch.setenv("ANODE_JAX_AUTOTUNE_CACHE", str(tmp_path))
-    _autotune.clear_memory()
-    real_measure, measured = _autotune.measure, []
+    autotune.clear_memory()
+    real_measure, measured = autotune.measure, []
 
     def counting_measure(candidates, args):
         measured.append(tuple(candidates))
         return real_measure(candidates, args, rounds=1)
 
-    monkeypatch.setattr(_autotune, "measure", counting_measure)
+    monkeypatch.setattr(autotune, "measure", counting_measure)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 6, 5, 3)))
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
@@ -233,20 +233,20 @@ def test_conv_measures_once_per_shape_at_trace_time_under_jit_and_scan(tmp_path,
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-12 * float(jnp.max(jnp.abs(e))))
     # a new trace of the same shape (another function, another process) measures nothing
-    _autotune.clear_memory()
+    autotune.clear_memory()
     jax.jit(jax.grad(lambda w, x: jnp.sum(_conv(x, w) ** 2)))(w, x)
     assert len(measured) == 2
     (path,) = tmp_path.glob("autotune-*.json")
     kinds = sorted(json.loads(k)["kind"] for k in json.loads(path.read_text())["entries"])
     assert kinds == ["conv_input_gradient", "conv_weight_gradient"]
-    _autotune.clear_memory()
+    autotune.clear_memory()
 
 
 def test_conv_pins_from_the_environment_and_rejects_unknown_ones(monkeypatch, x64):
     monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "on")
     monkeypatch.setenv("ANODE_JAX_CONV_WEIGHT_GRADIENT", "gemm")
     monkeypatch.setenv("ANODE_JAX_CONV_INPUT_GRADIENT", "taps")
-    monkeypatch.setattr(_autotune, "measure", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured"))
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
     jax.grad(lambda w: jnp.sum(_conv(x, w) ** 2))(w)
     monkeypatch.setenv("ANODE_JAX_CONV_WEIGHT_GRADIENT", "im2col")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from anode_jax import models
-from anode_jax.models._layers import Conv
+from anode_jax.models import Conv
 
 
 def _reject_deprecated_conv_field(next_fun, args, kwargs, context):

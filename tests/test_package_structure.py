@@ -235,14 +235,8 @@ def _private_uses(display, module, path, text):
     return found
 
 
-# The private imports that exist today, one line each, so that any NEW one fails; delete a
-# line when its import goes (the layout renovation of issue 17 removes them).
-PRIVATE_IMPORT_ALLOWLIST = {
-    ("benchmarks/bench_conv.py", "anode_jax.nn._conv._weight_grad_conv"),
-    ("benchmarks/bench_conv.py", "anode_jax.nn._conv._weight_grad_taps"),
-    ("tests/test_loops.py", "anode_jax.ode._policy.resolve_unroll"),
-    ("tests/test_training.py", "anode_jax.training.loop._setup"),
-}
+# Private uses allowed across packages: none (a line here would name file and dotted name).
+PRIVATE_IMPORT_ALLOWLIST: set[tuple[str, str]] = set()
 
 
 def test_no_private_imports_across_packages():
@@ -323,15 +317,8 @@ def test_no_list_of_names_written_in_two_modules():
     assert not stale, f"allowlisted duplicated lists that are gone (delete them): {stale}"
 
 
-# Duplicated name lists that exist today (see test above), each with its copy; delete an
-# entry when the copy goes (training/config_validation.py should import these from their homes).
-DUPLICATED_NAME_LIST_ALLOWLIST: dict[tuple[str, ...], str] = {
-    ("cifar10", "cifar100", "digits"): "training/config_validation.py DATASETS (home: data/)",
-    ("alexnet", "resnet", "resnet10", "resnet4", "small", "sqnxt"): (
-        "training/config_validation.py _FALLBACK_MODELS (home: models/ MODEL_NAMES)"
-    ),
-    ("conv", "none", "rda"): "training/config_validation.py _FALLBACK_Q (home: models/ Q_NAMES)",
-}
+# Duplicated name lists allowed: none (an entry would map the names to where the copy is).
+DUPLICATED_NAME_LIST_ALLOWLIST: dict[tuple[str, ...], str] = {}
 
 
 def _range_asserts(tree: ast.AST):
@@ -365,3 +352,16 @@ def test_no_assertion_of_the_trivial_range():
         1,
         2,
     ]
+
+
+def test_one_docstring_markup():
+    """Docstrings and comments use Markdown's single backticks (what docs/ renders), not reST
+    double backticks or Sphinx roles such as :func:`x`."""
+    rest = re.compile(r"``|:(?:func|data|class|meth|mod|attr|obj|exc):`")
+    found = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if rest.search(line)
+    ]
+    assert not found, f"reST markup in the package (use `name`): {found}"

@@ -9,7 +9,7 @@ Entry point for training code::
     variables = model.init({"params": key}, x, train=False)   # x: (N, H, W, C) float32
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
-See ``docs/models.md`` for layer tables, parameter counts and the normalization design.
+See `docs/models.md` for layer tables, parameter counts and the normalization design.
 """
 
 from ._blocks import CoupledODEBlock, ODEBlock, ResidualBlock
@@ -17,6 +17,7 @@ from ._layers import (
     CONV_NAMES,
     AlexNetVectorField,
     BasicBlock,
+    Conv,
     ResNetVectorField,
     SqueezeNextBlock,
     SqueezeNextVectorField,
@@ -58,6 +59,7 @@ __all__ = [
     "BasicBlock",
     "BatchNorm",
     "BatchStatNorm",
+    "Conv",
     "CoupledODEBlock",
     "ODEBlock",
     "ResNet4",

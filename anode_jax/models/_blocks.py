@@ -1,29 +1,29 @@
-"""ODE blocks: residual baseline, ANODE ``ODEBlock`` and ANODEv2 ``CoupledODEBlock``.
+"""ODE blocks: residual baseline, ANODE `ODEBlock` and ANODEv2 `CoupledODEBlock`.
 
-All three own a vector-field *definition* ``f(t, z, train)`` (an unbound flax module)
-and lift its parameters into an explicit pytree ``θ`` stored under
-``params/vector_field``. The solver receives ``θ`` through ``args``, never through a
-closure, so the gradient strategy of :func:`anode_jax.odeint` sees every parameter.
+All three own a vector-field *definition* `f(t, z, train)` (an unbound flax module)
+and lift its parameters into an explicit pytree `θ` stored under
+`params/vector_field`. The solver receives `θ` through `args`, never through a
+closure, so the gradient strategy of `anode_jax.odeint` sees every parameter.
 
-Normalization statistics (see ``_norm.py``) are kept **per evaluation time**. The solve
-evaluates ``f`` at the knots ``τ_1 < … < τ_K`` of :func:`anode_jax.ode.stage_times` (Euler,
-``N_t = 2``: ``0, ½``), and the statistics of ``f(τ, z(τ))`` change with ``τ``, so one
+Normalization statistics (see `_norm.py`) are kept **per evaluation time**. The solve
+evaluates `f` at the knots `τ_1 < … < τ_K` of `anode_jax.ode.stage_times` (Euler,
+`N_t = 2`: `0, ½`), and the statistics of `f(τ, z(τ))` change with `τ`, so one
 running average for all of them would normalize every stage in evaluation with statistics
-of none. In training mode the ODE state is augmented with accumulators ``S`` (``K`` rows
-per statistic) and ``W`` (``K``)::
+of none. In training mode the ODE state is augmented with accumulators `S` (`K` rows
+per statistic) and `W` (`K`)::
 
     dS/dt = φ(t) ⊗ stats(f(t, z)),   dW/dt = φ(t),   S(0) = W(0) = 0,
 
-with ``φ`` the hat basis over the knots (one-hot at a knot). Then ``S_k(1) / W_k(1)`` is
-the quadrature-weighted mean of the statistics of the evaluations at ``τ_k`` (one evaluation
-for Euler; RK4's two stages at ``t_n + h/2``), and the block updates
-``batch_stats/vector_field`` (leaves ``(K, C)``) once per forward call, after the solve::
+with `φ` the hat basis over the knots (one-hot at a knot). Then `S_k(1) / W_k(1)` is
+the quadrature-weighted mean of the statistics of the evaluations at `τ_k` (one evaluation
+for Euler; RK4's two stages at `t_n + h/2`), and the block updates
+`batch_stats/vector_field` (leaves `(K, C)`) once per forward call, after the solve::
 
     running_k ← momentum · running_k + (1 − momentum) · S_k(1) / W_k(1)
 
 so neither the solver stages nor the backward recomputation touch the running averages. In
 evaluation mode the running averages enter the solve as (constant) args, and the stage at
-time ``t`` is normalized with ``Σ_k φ_k(t) running_k`` (exact at the knots; linear between
+time `t` is normalized with `Σ_k φ_k(t) running_k` (exact at the knots; linear between
 them, for a solve with other steps than in training). Stages of zero quadrature weight
 (midpoint's first) are never observed and use the nearest knot.
 """
@@ -53,14 +53,14 @@ _TIMES_NAME = "stat_times"
 def _lift_vector_field(
     block: nn.Module, definition: nn.Module, z: jax.Array, knots: np.ndarray
 ) -> tuple[nn.Module, PyTree, Any]:
-    """Create/fetch ``θ`` and the running statistics of ``definition`` inside ``block``.
+    """Create/fetch `θ` and the running statistics of `definition` inside `block`.
 
-    Returns ``(vf, θ, running)`` where ``vf`` is an unbound copy of the definition that
-    can be applied as a pure function, and ``running`` the block's :class:`_RunningStats`
-    (``None`` when the vector field has no batch normalization).
+    Returns `(vf, θ, running)` where `vf` is an unbound copy of the definition that
+    can be applied as a pure function, and `running` the block's `_RunningStats`
+    (`None` when the vector field has no batch normalization).
     """
     # The definition is adopted by the block as a child (flax registers module-valued
-    # fields); an unbound clone is what makes ``vf.apply`` a pure function of θ.
+    # fields); an unbound clone is what makes `vf.apply` a pure function of θ.
     vf = definition.clone(parent=None)
     t0 = jnp.zeros((), z.dtype)
     initialized = {}  # one vf.init provides θ₀ and the initial running statistics
@@ -95,8 +95,8 @@ def _lift_vector_field(
 class _RunningStats:
     """A block's running statistics per evaluation time.
 
-    ``rows``: ``batch_stats/<block>/vector_field`` (the vector field's BatchNorm statistics,
-    leaves ``(K, C)``); ``times``: ``batch_stats/<block>/stat_times`` (``(K,)``), the times the
+    `rows`: `batch_stats/<block>/vector_field` (the vector field's BatchNorm statistics,
+    leaves `(K, C)`); `times`: `batch_stats/<block>/stat_times` (`(K,)`), the times the
     rows were recorded at (the knots of the training solve). Evaluation interpolates the rows
     at the stage time, so a solve with other steps or another solver than in training reads
     consistent statistics; a training step with other knots first resamples the rows onto
@@ -107,11 +107,11 @@ class _RunningStats:
         self.block, self.rows, self.times = block, rows, times
 
     def frozen(self) -> tuple[jax.Array, PyTree]:
-        """``(times, rows)`` as constants of the solve (eval mode)."""
+        """`(times, rows)` as constants of the solve (eval mode)."""
         return jax.lax.stop_gradient((self.times.value, self.rows.value))
 
     def accumulators(self, knots: np.ndarray) -> tuple[PyTree, jax.Array]:
-        """``(S(0), W(0)) = (0, 0)``: per-knot zeros like one row of the statistics, and ``(K,)``."""
+        """`(S(0), W(0)) = (0, 0)`: per-knot zeros like one row of the statistics, and `(K,)`."""
         dtype = jax.tree.leaves(self.rows.value)[0].dtype
         zeros = jax.tree.map(
             lambda a: jnp.zeros((len(knots),) + a.shape[1:], a.dtype), self.rows.value
@@ -119,8 +119,8 @@ class _RunningStats:
         return zeros, jnp.zeros((len(knots),), dtype)
 
     def update(self, knots: np.ndarray, averaged: PyTree, momentum: float) -> None:
-        """One EMA step per knot, ``running_k ← m·running_k + (1 − m)·averaged_k`` (not
-        during init), after resampling the stored rows onto ``knots`` (exact when the stored
+        """One EMA step per knot, `running_k ← m·running_k + (1 − m)·averaged_k` (not
+        during init), after resampling the stored rows onto `knots` (exact when the stored
         times are the knots: the resampling matrix is then the identity)."""
         if self.block.is_initializing():
             return
@@ -140,7 +140,7 @@ class _RunningStats:
 def _train_field(
     vf: nn.Module,
 ) -> Callable[[jax.Array, jax.Array, PyTree], tuple[jax.Array, PyTree]]:
-    """``(t, z, θ) -> (f(t, z; θ), batch statistics used)`` in training mode."""
+    """`(t, z, θ) -> (f(t, z; θ), batch statistics used)` in training mode."""
 
     def field(t, z, theta):
         dz, state = vf.apply({"params": theta}, t, z, train=True, mutable=[STATS_COLLECTION])
@@ -150,9 +150,9 @@ def _train_field(
 
 
 def _eval_field(vf: nn.Module) -> Callable[[jax.Array, jax.Array, PyTree, PyTree], jax.Array]:
-    """``(t, z, θ, frozen) -> f(t, z; θ)`` in eval mode; ``frozen = (times, rows)`` (or
-    ``None``): the vector field normalizes with ``Σ_k φ_k(t) rows_k``, the running statistics
-    interpolated at ``t`` (leaves ``(K, C)`` → ``(C,)``)."""
+    """`(t, z, θ, frozen) -> f(t, z; θ)` in eval mode; `frozen = (times, rows)` (or
+    `None`): the vector field normalizes with `Σ_k φ_k(t) rows_k`, the running statistics
+    interpolated at `t` (leaves `(K, C)` → `(C,)`)."""
 
     def field(t, z, theta, frozen):
         variables = {"params": theta}
@@ -168,7 +168,7 @@ def _eval_field(vf: nn.Module) -> Callable[[jax.Array, jax.Array, PyTree, PyTree
 
 
 def _stats_derivative(knots: np.ndarray, t: jax.Array, stats: PyTree, acc: PyTree) -> PyTree:
-    """``(dS/dt, dW/dt) = (φ(t) ⊗ stats, φ(t))``, cast to the accumulators' dtypes."""
+    """`(dS/dt, dW/dt) = (φ(t) ⊗ stats, φ(t))`, cast to the accumulators' dtypes."""
     s_like, w_like = acc
     phi = knot_weights(knots, t)
 
@@ -179,7 +179,7 @@ def _stats_derivative(knots: np.ndarray, t: jax.Array, stats: PyTree, acc: PyTre
 
 
 def _per_knot_mean(acc: PyTree) -> PyTree:
-    """``S_k / W_k``: the weighted mean of the statistics at each knot."""
+    """`S_k / W_k`: the weighted mean of the statistics at each knot."""
     s, w = acc
     return jax.tree.map(lambda a: a / w.reshape(w.shape + (1,) * (a.ndim - 1)), s)
 
@@ -197,11 +197,11 @@ def _block_knots(block: nn.Module) -> np.ndarray:
 
 
 class ResidualBlock(nn.Module):
-    """Baseline residual block ``z ↦ z + f(0, z; θ)`` (ResNet, He et al. 2016).
+    """Baseline residual block `z ↦ z + f(0, z; θ)` (ResNet, He et al. 2016).
 
-    Same vector field, parameter tree and statistics bookkeeping as :class:`ODEBlock`;
-    it equals ``ODEBlock(solver="euler", num_steps=1)`` (forward Euler over [0, 1]).
-    Input/output ``z``: ``(N, H, W, C)`` (any shape ``f`` preserves).
+    Same vector field, parameter tree and statistics bookkeeping as `ODEBlock`;
+    it equals `ODEBlock(solver="euler", num_steps=1)` (forward Euler over [0, 1]).
+    Input/output `z`: `(N, H, W, C)` (any shape `f` preserves).
     """
 
     vector_field_module: nn.Module
@@ -222,13 +222,13 @@ class ResidualBlock(nn.Module):
 
 
 class ODEBlock(nn.Module):
-    """ANODE block: ``z(1)`` of ``dz/dt = f(t, z; θ)``, ``z(0) = z`` (ANODE Eq. 1).
+    """ANODE block: `z(1)` of `dz/dt = f(t, z; θ)`, `z(0) = z` (ANODE Eq. 1).
 
-    Integrated over ``[0, 1]`` with ``num_steps`` fixed steps ``dt = 1/num_steps``
-    (paper default ``N_t = 2``) of ``solver`` ("euler" | "midpoint" | "heun" | "rk4" |
-    ButcherTableau); gradients by ``adjoint`` ("direct" | "anode" | "backsolve" |
-    "checkpointed:K" | object). ``unroll``: the time loop's unrolling, passed to
-    :func:`anode_jax.odeint` (None: the core's default). Input/output ``z``: ``(N, H, W, C)``.
+    Integrated over `[0, 1]` with `num_steps` fixed steps `dt = 1/num_steps`
+    (paper default `N_t = 2`) of `solver` ("euler" | "midpoint" | "heun" | "rk4" |
+    ButcherTableau); gradients by `adjoint` ("direct" | "anode" | "backsolve" |
+    "checkpointed:K" | object). `unroll`: the time loop's unrolling, passed to
+    `anode_jax.odeint` (None: the core's default). Input/output `z`: `(N, H, W, C)`.
     """
 
     vector_field_module: nn.Module
@@ -265,14 +265,14 @@ class ODEBlock(nn.Module):
 
 
 class CoupledODEBlock(nn.Module):
-    """ANODEv2 block: ``dz/dt = f(t, z; θ(t))``, ``dθ/dt = q(θ, p)`` (ANODEv2 Eq. 3).
+    """ANODEv2 block: `dz/dt = f(t, z; θ(t))`, `dθ/dt = q(θ, p)` (ANODEv2 Eq. 3).
 
-    ``(z, θ)`` is integrated jointly over ``[0, 1]`` by the same solver and gradient
-    strategy as :class:`ODEBlock`; trained are ``θ₀`` (``params/vector_field``, same
-    tree as ``ODEBlock``) and ``p`` (``params/q``, see ``_rda.py``). ``θ`` is shared by
-    the batch, so ``q`` runs once per solver stage. ``q="none"`` keeps ``θ`` constant
-    and reproduces :class:`ODEBlock`. ``unroll`` as in :class:`ODEBlock`. Input/output
-    ``z``: ``(N, H, W, C)``.
+    `(z, θ)` is integrated jointly over `[0, 1]` by the same solver and gradient
+    strategy as `ODEBlock`; trained are `θ₀` (`params/vector_field`, same
+    tree as `ODEBlock`) and `p` (`params/q`, see `_rda.py`). `θ` is shared by
+    the batch, so `q` runs once per solver stage. `q="none"` keeps `θ` constant
+    and reproduces `ODEBlock`. `unroll` as in `ODEBlock`. Input/output
+    `z`: `(N, H, W, C)`.
     """
 
     vector_field_module: nn.Module

@@ -1,9 +1,9 @@
 """Vector fields (for ODE / residual / coupled blocks) and standard (non-ODE) blocks.
 
-Vector fields have the signature ``f(t, z, train) -> dz`` with ``dz.shape == z.shape``
-(``z``: ``(N, H, W, C)``); ``t`` is accepted for the solver and unused, as in ANODE,
-whose blocks are autonomous. Their normalization is :func:`vector_field_norm`
-(pure BatchNorm or GroupNorm); the standard blocks use :func:`standard_norm`.
+Vector fields have the signature `f(t, z, train) -> dz` with `dz.shape == z.shape`
+(`z`: `(N, H, W, C)`); `t` is accepted for the solver and unused, as in ANODE,
+whose blocks are autonomous. Their normalization is `vector_field_norm`
+(pure BatchNorm or GroupNorm); the standard blocks use `standard_norm`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from anode_jax.nn import conv_general_dilated
 
 from ._norm import standard_norm, vector_field_norm
 
-#: Convolution implementations accepted by ``conv=``: ``"loop_safe"`` (default,
-#: :func:`anode_jax.nn.conv_general_dilated`, whose gradient stays fast inside loops on
-#: XLA:CPU) or ``"lax"`` (``lax.conv_general_dilated``; supports forward-mode autodiff).
+#: Convolution implementations accepted by `conv=`: `"loop_safe"` (default,
+#: `anode_jax.nn.conv_general_dilated`, whose gradient stays fast inside loops on
+#: XLA:CPU) or `"lax"` (`lax.conv_general_dilated`; supports forward-mode autodiff).
 CONV_NAMES = ("loop_safe", "lax")
 
 
 def conv_function(conv: str):
-    """The ``conv_general_dilated`` function of a :data:`CONV_NAMES` entry."""
+    """The `conv_general_dilated` function of a `CONV_NAMES` entry."""
     if conv == "loop_safe":
         return conv_general_dilated
     if conv == "lax":
@@ -48,19 +48,19 @@ _CONV_CLS = {"loop_safe": _loop_safe_conv_cls, "lax": _lax_conv_cls}
 
 
 def Conv(conv: str, features: int, kernel_size: tuple[int, int], **kwargs: Any) -> nn.Conv:
-    """``nn.Conv`` computed by the :data:`CONV_NAMES` implementation ``conv``.
+    """`nn.Conv` computed by the `CONV_NAMES` implementation `conv`.
 
-    Parameters, their names and the result are those of a plain ``nn.Conv``.
+    Parameters, their names and the result are those of a plain `nn.Conv`.
     """
     conv_function(conv)  # the one error message for a bad name
     return nn.Conv(features, kernel_size, conv_general_dilated_cls=_CONV_CLS[conv], **kwargs)
 
 
 class ResNetVectorField(nn.Module):
-    """ANODE ResNet vector field ``f(z) = ReLU(BN(conv3×3(ReLU(BN(conv3×3(z))))))``.
+    """ANODE ResNet vector field `f(z) = ReLU(BN(conv3×3(ReLU(BN(conv3×3(z))))))`.
 
-    Both convolutions ``C → C``, stride 1, no bias; no inner skip connection (the skip
-    is the ODE itself: forward Euler with ``dt = 1`` gives ``z + f(z)``).
+    Both convolutions `C → C`, stride 1, no bias; no inner skip connection (the skip
+    is the ODE itself: forward Euler with `dt = 1` gives `z + f(z)`).
     """
 
     channels: int
@@ -79,7 +79,7 @@ class ResNetVectorField(nn.Module):
 class SqueezeNextVectorField(nn.Module):
     """SqueezeNext unit as vector field (Gholami et al. 2018, Fig. 2, reduction 1/2).
 
-    ``1×1 (C→C/2) → 1×1 (C/2→C/4) → 1×3 (C/4→C/2) → 3×1 (C/2→C/2) → 1×1 (C/2→C)``,
+    `1×1 (C→C/2) → 1×1 (C/2→C/4) → 1×3 (C/4→C/2) → 3×1 (C/2→C/2) → 1×1 (C/2→C)`,
     every convolution with bias, followed by normalization and ReLU.
     """
 
@@ -106,9 +106,9 @@ class SqueezeNextVectorField(nn.Module):
 
 
 class AlexNetVectorField(nn.Module):
-    """AlexNet ODE vector field ``f(z) = ReLU(BN(conv3×3(z)))`` (this project's choice).
+    """AlexNet ODE vector field `f(z) = ReLU(BN(conv3×3(z)))` (this project's choice).
 
-    One ``C → C`` convolution without bias: the same-shape fifth convolution of the
+    One `C → C` convolution without bias: the same-shape fifth convolution of the
     CIFAR AlexNet turned into an ODE.
     """
 
@@ -126,9 +126,9 @@ class AlexNetVectorField(nn.Module):
 class BasicBlock(nn.Module):
     """Standard ResNet basic block (He et al. 2016), used once per ResNet-18 stage.
 
-    ``ReLU(BN(conv3×3(ReLU(BN(conv3×3_s(x))))) + shortcut(x))``; the shortcut is the
-    identity, or ``BN(conv1×1_s(x))`` when stride or channel count change. No biases.
-    ``x``: ``(N, H, W, C_in)`` → ``(N, H/s, W/s, features)``.
+    `ReLU(BN(conv3×3(ReLU(BN(conv3×3_s(x))))) + shortcut(x))`; the shortcut is the
+    identity, or `BN(conv1×1_s(x))` when stride or channel count change. No biases.
+    `x`: `(N, H, W, C_in)` → `(N, H/s, W/s, features)`.
     """
 
     features: int
@@ -163,10 +163,10 @@ class BasicBlock(nn.Module):
 class SqueezeNextBlock(nn.Module):
     """Standard SqueezeNext block (Gholami et al. 2018), used once per SqNxt stage.
 
-    Bottleneck width ``a = C_in·r`` with ``r = 1`` for stride 2, ``1/4`` when
-    ``C_in > C_out``, else ``1/2``; ``1×1_s (C_in→a) → 1×1 (a→a/2) → 1×3 (a/2→a) →
-    3×1 (a→a) → 1×1 (a→C_out)``, each conv with bias + norm + ReLU; shortcut identity or
-    ``BN(conv1×1_s(x))`` (with bias) when shape changes; ReLU after the addition.
+    Bottleneck width `a = C_in·r` with `r = 1` for stride 2, `1/4` when
+    `C_in > C_out`, else `1/2`; `1×1_s (C_in→a) → 1×1 (a→a/2) → 1×3 (a/2→a) →
+    3×1 (a→a) → 1×1 (a→C_out)`, each conv with bias + norm + ReLU; shortcut identity or
+    `BN(conv1×1_s(x))` (with bias) when shape changes; ReLU after the addition.
     """
 
     features: int
@@ -227,7 +227,7 @@ def conv_norm_relu(
     relu: bool = True,
     conv: str = "loop_safe",
 ) -> jax.Array:
-    """``ReLU(norm(conv(x)))`` for stems, transitions and heads (call inside compact)."""
+    """`ReLU(norm(conv(x)))` for stems, transitions and heads (call inside compact)."""
     h = Conv(
         conv,
         features,
@@ -242,5 +242,5 @@ def conv_norm_relu(
 
 
 def global_average_pool(x: jax.Array) -> jax.Array:
-    """``(N, H, W, C) → (N, C)``."""
+    """`(N, H, W, C) → (N, C)`."""
     return jnp.mean(x, axis=(1, 2))

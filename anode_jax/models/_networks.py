@@ -1,14 +1,14 @@
-"""Networks of the ANODE / ANODEv2 papers and the ``create_model`` factory.
+"""Networks of the ANODE / ANODEv2 papers and the `create_model` factory.
 
-Every network takes NHWC float32 images and returns ``(N, num_classes)`` logits. Its
-"dynamic" blocks are built by :meth:`_Network.dynamic_block` according to ``block``:
+Every network takes NHWC float32 images and returns `(N, num_classes)` logits. Its
+"dynamic" blocks are built by `_Network.dynamic_block` according to `block`:
 
-* ``"residual"``: :class:`ResidualBlock` ``z + f(z)`` (the baseline of the paper tables),
-* ``"ode"``: :class:`ODEBlock` (ANODE),
-* ``"coupled"``: :class:`CoupledODEBlock` with parameter dynamics ``q`` (ANODEv2).
+* `"residual"`: `ResidualBlock` `z + f(z)` (the baseline of the paper tables),
+* `"ode"`: `ODEBlock` (ANODE),
+* `"coupled"`: `CoupledODEBlock` with parameter dynamics `q` (ANODEv2).
 
-The three forms share the vector field ``f`` and the names of every submodule, so the
-``vector_field`` parameters of one form load into another (ANODEv2 adds ``q``).
+The three forms share the vector field `f` and the names of every submodule, so the
+`vector_field` parameters of one form load into another (ANODEv2 adds `q`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ BLOCK_TYPES = ("residual", "ode", "coupled")
 
 
 class _Network(nn.Module):
-    """Fields shared by all networks (see :func:`create_model` for their meaning)."""
+    """Fields shared by all networks (see `create_model` for their meaning)."""
 
     num_classes: int = 10
     block: str = "ode"
@@ -59,7 +59,7 @@ class _Network(nn.Module):
     def dynamic_block(
         self, vector_field: nn.Module, x: jax.Array, train: bool, name: str
     ) -> jax.Array:
-        """Apply the residual / ODE / coupled block around ``vector_field`` to ``x``."""
+        """Apply the residual / ODE / coupled block around `vector_field` to `x`."""
         if self.block == "residual":
             block = ResidualBlock(vector_field, name=name)
         elif self.block == "ode":
@@ -86,15 +86,15 @@ class _Network(nn.Module):
         return block(x, train)
 
     def head(self, x: jax.Array) -> jax.Array:
-        """Global average pool → linear: ``(N, H, W, C) → (N, num_classes)``."""
+        """Global average pool → linear: `(N, H, W, C) → (N, num_classes)`."""
         return nn.Dense(self.num_classes, name="head")(global_average_pool(x))
 
 
 class SmallNet(_Network):
     """Tiny network for scikit-learn's 8×8×1 digits (this project's design).
 
-    ``conv3×3(C_in→32)–norm–ReLU → dyn(32) → conv3×3/2(32→64)–norm–ReLU → dyn(64) →
-    avg pool → linear``; dyn = block around :class:`ResNetVectorField`. No conv biases.
+    `conv3×3(C_in→32)–norm–ReLU → dyn(32) → conv3×3/2(32→64)–norm–ReLU → dyn(64) →
+    avg pool → linear`; dyn = block around `ResNetVectorField`. No conv biases.
     """
 
     @nn.compact
@@ -114,11 +114,11 @@ class SmallNet(_Network):
 
 
 class ResNet18(_Network):
-    """ANODE's ResNet-18 layout (``"resnet"``).
+    """ANODE's ResNet-18 layout (`"resnet"`).
 
-    Stem ``conv3×3(C_in→64)–BN–ReLU`` (no bias); four stages of 64/128/256/512 channels
-    with strides 1/2/2/2, each a standard :class:`BasicBlock` then one dynamic block
-    around :class:`ResNetVectorField`; head avg pool → linear. Channels × ``width``.
+    Stem `conv3×3(C_in→64)–BN–ReLU` (no bias); four stages of 64/128/256/512 channels
+    with strides 1/2/2/2, each a standard `BasicBlock` then one dynamic block
+    around `ResNetVectorField`; head avg pool → linear. Channels × `width`.
     """
 
     @nn.compact
@@ -138,8 +138,8 @@ class ResNet18(_Network):
 class ResNet4(_Network):
     """ResNet-4 (this project's definition; the papers do not publish the layers).
 
-    ``conv3×3(C_in→64)–BN–ReLU → dyn(64) → avg pool → linear``: 1 + 2 + 1 = 4 weight
-    layers, dyn = block around :class:`ResNetVectorField`.
+    `conv3×3(C_in→64)–BN–ReLU → dyn(64) → avg pool → linear`: 1 + 2 + 1 = 4 weight
+    layers, dyn = block around `ResNetVectorField`.
     """
 
     @nn.compact
@@ -155,9 +155,9 @@ class ResNet4(_Network):
 class ResNet10(_Network):
     """ResNet-10 (this project's definition; the papers do not publish the layers).
 
-    Stem ``conv3×3(C_in→64)–BN–ReLU``; four stages of 64/128/256/512 channels, each one
-    dynamic block around :class:`ResNetVectorField`; stages 2–4 are entered through a
-    projection ``BN(conv1×1/2)`` (no ReLU), uncounted like ResNet shortcut projections:
+    Stem `conv3×3(C_in→64)–BN–ReLU`; four stages of 64/128/256/512 channels, each one
+    dynamic block around `ResNetVectorField`; stages 2–4 are entered through a
+    projection `BN(conv1×1/2)` (no ReLU), uncounted like ResNet shortcut projections:
     1 + 4·2 + 1 = 10 weight layers. Head avg pool → linear.
     """
 
@@ -189,11 +189,11 @@ class ResNet10(_Network):
 class AlexNet(_Network):
     """CIFAR AlexNet with an ODE block (this project's definition).
 
-    ``conv5×5(C_in→64) → pool → conv5×5(64→192) → pool → conv3×3(192→384) →
-    conv3×3(384→256) → dyn(256) → pool → avg pool → linear``; each conv without bias,
+    `conv5×5(C_in→64) → pool → conv5×5(64→192) → pool → conv3×3(192→384) →
+    conv3×3(384→256) → dyn(256) → pool → avg pool → linear`; each conv without bias,
     followed by norm and ReLU; pools are 3×3 max, stride 2, SAME. The fifth conv
     (256→256, the only same-shape one) is the dynamic block around
-    :class:`AlexNetVectorField`. The classic 4096-wide FC layers are replaced by the
+    `AlexNetVectorField`. The classic 4096-wide FC layers are replaced by the
     global-pool + linear head so that the network accepts any input size.
     """
 
@@ -224,12 +224,12 @@ class AlexNet(_Network):
 
 
 class SqueezeNext23(_Network):
-    """ANODE's SqueezeNext-23 (width 1.0) layout (``"sqnxt"``).
+    """ANODE's SqueezeNext-23 (width 1.0) layout (`"sqnxt"`).
 
-    Stem ``conv3×3(C_in→64)`` with bias–BN–ReLU; four stages of 32/64/128/256 channels
-    with strides 1/2/2/2, each a standard :class:`SqueezeNextBlock` then one dynamic
-    block around :class:`SqueezeNextVectorField`; head ``conv1×1(→128)`` (bias)–BN–ReLU
-    → avg pool → linear. Channels × ``width``.
+    Stem `conv3×3(C_in→64)` with bias–BN–ReLU; four stages of 32/64/128/256 channels
+    with strides 1/2/2/2, each a standard `SqueezeNextBlock` then one dynamic
+    block around `SqueezeNextVectorField`; head `conv1×1(→128)` (bias)–BN–ReLU
+    → avg pool → linear. Channels × `width`.
     """
 
     @nn.compact
@@ -300,30 +300,30 @@ def create_model(
     conv: str = "loop_safe",
     unroll: bool | int | None = None,
 ) -> nn.Module:
-    """Build one of :data:`MODEL_NAMES` as a ``flax.linen.Module``.
+    """Build one of `MODEL_NAMES` as a `flax.linen.Module`.
 
     Args:
-      name: network, one of :data:`MODEL_NAMES`.
+      name: network, one of `MODEL_NAMES`.
       num_classes: logits per example (10 for CIFAR-10/digits, 100 for CIFAR-100).
-      block: one of :data:`BLOCK_TYPES`: ``"residual"`` (baseline ``z + f(z)``),
-        ``"ode"`` (ANODE) or ``"coupled"`` (ANODEv2).
-      num_steps: fixed solver steps over ``[0, 1]`` (``dt = 1/num_steps``; paper: 2).
-      solver: ``"euler" | "midpoint" | "heun" | "rk4"`` or a ButcherTableau object.
-      adjoint: ``"direct" | "anode" | "backsolve" | "checkpointed:K"`` or an adjoint
-        object of :mod:`anode_jax.ode`.
-      q: ANODEv2 parameter dynamics, one of :data:`Q_NAMES` (used by ``"coupled"``).
-      norm: ``"batch"`` or ``"group"``.
+      block: one of `BLOCK_TYPES`: `"residual"` (baseline `z + f(z)`),
+        `"ode"` (ANODE) or `"coupled"` (ANODEv2).
+      num_steps: fixed solver steps over `[0, 1]` (`dt = 1/num_steps`; paper: 2).
+      solver: `"euler" | "midpoint" | "heun" | "rk4"` or a ButcherTableau object.
+      adjoint: `"direct" | "anode" | "backsolve" | "checkpointed:K"` or an adjoint
+        object of `anode_jax.ode`.
+      q: ANODEv2 parameter dynamics, one of `Q_NAMES` (used by `"coupled"`).
+      norm: `"batch"` or `"group"`.
       width: channel multiplier (> 0).
-      conv: convolution implementation, one of :data:`CONV_NAMES`: ``"loop_safe"``
-        (:func:`anode_jax.nn.conv_general_dilated`, gradients fast inside loops on CPU;
-        reverse mode only) or ``"lax"`` (``lax.conv_general_dilated``). Parameters and
+      conv: convolution implementation, one of `CONV_NAMES`: `"loop_safe"`
+        (`anode_jax.nn.conv_general_dilated`, gradients fast inside loops on CPU;
+        reverse mode only) or `"lax"` (`lax.conv_general_dilated`). Parameters and
         outputs are the same for both.
-      unroll: time-loop unrolling of the ODE blocks, passed to :func:`anode_jax.odeint`
+      unroll: time-loop unrolling of the ODE blocks, passed to `anode_jax.odeint`
         (True, False, an int n, or None for the core's default).
 
-    Returns an unbound module; ``init(rngs, x, train=False)`` with ``x`` of shape
-    ``(N, H, W, C)`` gives ``{"params", "batch_stats"}`` (no ``batch_stats`` for
-    ``norm="group"``), and ``apply(..., x, train)`` gives ``(N, num_classes)`` logits.
+    Returns an unbound module; `init(rngs, x, train=False)` with `x` of shape
+    `(N, H, W, C)` gives `{"params", "batch_stats"}` (no `batch_stats` for
+    `norm="group"`), and `apply(..., x, train)` gives `(N, num_classes)` logits.
 
     Raises:
       ValueError: naming the offending argument and its valid choices.
@@ -370,5 +370,5 @@ def create_model(
 
 
 def count_params(tree: Any) -> int:
-    """Total number of scalars in a pytree (e.g. ``variables["params"]``)."""
+    """Total number of scalars in a pytree (e.g. `variables["params"]`)."""
     return sum(int(leaf.size) for leaf in jax.tree.leaves(tree))

@@ -1,20 +1,20 @@
 """Normalization layers for vector fields and standard blocks.
 
 Inside an ODE solve every evaluation of the vector field must be a pure function of
-``(t, z, params)``: the ANODE backward pass (Gholami et al. 2019, Sec. 3) recomputes
+`(t, z, params)`: the ANODE backward pass (Gholami et al. 2019, Sec. 3) recomputes
 the forward trajectory, so a layer that mutated running averages inside the solve
 would update them once per solver stage and again during the recomputation.
 
-:class:`BatchStatNorm` therefore splits flax's ``nn.BatchNorm`` in two:
+`BatchStatNorm` therefore splits flax's `nn.BatchNorm` in two:
 
 * in training mode it normalizes with the statistics of the current batch and only
-  *reports* them, by writing ``{"mean", "var"}`` into the ``"norm_stats"`` collection
+  *reports* them, by writing `{"mean", "var"}` into the `"norm_stats"` collection
   (the caller chooses whether that collection is mutable; the value is
-  ``stop_gradient``-ed because running averages are never differentiated);
-* in evaluation mode it reads the running averages from the ``"batch_stats"``
+  `stop_gradient`-ed because running averages are never differentiated);
+* in evaluation mode it reads the running averages from the `"batch_stats"`
   collection, which it never writes.
 
-The running averages are updated by the enclosing block (see ``_blocks.py``), once per
+The running averages are updated by the enclosing block (see `_blocks.py`), once per
 forward call and outside the solver.
 """
 
@@ -26,23 +26,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-#: Collection into which :class:`BatchStatNorm` reports the batch statistics it used.
+#: Collection into which `BatchStatNorm` reports the batch statistics it used.
 STATS_COLLECTION = "norm_stats"
 
-#: Normalization kinds accepted by the networks (``create_model(norm=...)``).
+#: Normalization kinds accepted by the networks (`create_model(norm=...)`).
 NORM_NAMES = ("batch", "group")
 
-#: Running-average momentum, as flax's ``nn.BatchNorm`` default (0.99) is too slow for
+#: Running-average momentum, as flax's `nn.BatchNorm` default (0.99) is too slow for
 #: the short CIFAR schedules of the papers; PyTorch's 0.1 update rate == momentum 0.9.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
 def num_groups(channels: int) -> int:
-    """Number of GroupNorm groups for ``channels`` features.
+    """Number of GroupNorm groups for `channels` features.
 
     The usual 32 groups (Wu & He 2018), reduced to the largest divisor of
-    ``channels`` that still leaves at least two channels per group, so that tiny test
+    `channels` that still leaves at least two channels per group, so that tiny test
     widths (4 or 8 channels) do not degenerate into instance normalization.
     """
     if channels < 2:
@@ -52,14 +52,14 @@ def num_groups(channels: int) -> int:
 
 
 def _batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance over all axes but the last (as ``nn.BatchNorm``)."""
+    """Mean and biased variance over all axes but the last (as `nn.BatchNorm`)."""
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axis=axes)
     return mean, jnp.mean(jnp.square(x - mean), axis=axes)
 
 
 def _normalize(x, mean, var, scale, bias, epsilon):
-    """``(x - mean) / sqrt(var + eps) * scale + bias``, computed in ``x``'s dtype."""
+    """`(x - mean) / sqrt(var + eps) * scale + bias`, computed in `x`'s dtype."""
     dtype = x.dtype
     inv = jax.lax.rsqrt(var.astype(dtype) + epsilon) * scale.astype(dtype)
     return (x - mean.astype(dtype)) * inv + bias.astype(dtype)
@@ -68,12 +68,12 @@ def _normalize(x, mean, var, scale, bias, epsilon):
 class BatchNorm(nn.Module):
     """Standard batch normalization for layers outside any ODE solve.
 
-    Same semantics and variable layout as flax's ``nn.BatchNorm(momentum=0.9,
-    epsilon=1e-5)`` (params ``scale``/``bias``, ``batch_stats`` ``mean``/``var``,
+    Same semantics and variable layout as flax's `nn.BatchNorm(momentum=0.9,
+    epsilon=1e-5)` (params `scale`/`bias`, `batch_stats` `mean`/`var`,
     running averages updated in place in training mode, except during init), but it
     computes in the input's dtype, so float64 gradient checks run under strict dtype
     promotion (flax's version mixes its float32 parameters into float64 inputs).
-    ``x``: ``(..., C)``.
+    `x`: `(..., C)`.
     """
 
     momentum: float = BN_MOMENTUM
@@ -99,11 +99,11 @@ class BatchNorm(nn.Module):
 class BatchStatNorm(nn.Module):
     """Batch normalization as a pure function of the batch (for use inside ODE solves).
 
-    Input ``x``: ``(..., C)``; statistics are taken over all axes but the last.
-    Training: ``y = (x - mean_B) / sqrt(var_B + eps) * scale + bias`` with the biased
-    batch variance, as ``nn.BatchNorm``; ``mean_B`` and ``var_B`` are reported in
-    ``"norm_stats"`` when that collection is mutable. Evaluation: the running
-    averages ``batch_stats/{mean,var}`` (created at init as zeros / ones) are used.
+    Input `x`: `(..., C)`; statistics are taken over all axes but the last.
+    Training: `y = (x - mean_B) / sqrt(var_B + eps) * scale + bias` with the biased
+    batch variance, as `nn.BatchNorm`; `mean_B` and `var_B` are reported in
+    `"norm_stats"` when that collection is mutable. Evaluation: the running
+    averages `batch_stats/{mean,var}` (created at init as zeros / ones) are used.
     """
 
     epsilon: float = BN_EPSILON
@@ -132,10 +132,10 @@ class BatchStatNorm(nn.Module):
 
 
 def vector_field_norm(kind: str, x: jax.Array, train: bool) -> jax.Array:
-    """Apply the vector-field normalization ``kind`` to ``x`` (call inside ``nn.compact``).
+    """Apply the vector-field normalization `kind` to `x` (call inside `nn.compact`).
 
-    ``"batch"``: :class:`BatchStatNorm` (pure; statistics reported, not stored).
-    ``"group"``: ``nn.GroupNorm`` with :func:`num_groups` groups (per example, no state).
+    `"batch"`: `BatchStatNorm` (pure; statistics reported, not stored).
+    `"group"`: `nn.GroupNorm` with `num_groups` groups (per example, no state).
     """
     if kind == "batch":
         return BatchStatNorm()(x, train)
@@ -147,8 +147,8 @@ def vector_field_norm(kind: str, x: jax.Array, train: bool) -> jax.Array:
 def standard_norm(kind: str, x: jax.Array, train: bool, name: str | None = None) -> jax.Array:
     """Normalization for layers outside any ODE solve (stems, standard blocks, heads).
 
-    ``"batch"``: :class:`BatchNorm` (momentum 0.9, eps 1e-5) updating ``batch_stats``
-    itself in training mode; ``"group"``: ``nn.GroupNorm``.
+    `"batch"`: `BatchNorm` (momentum 0.9, eps 1e-5) updating `batch_stats`
+    itself in training mode; `"group"`: `nn.GroupNorm`.
     """
     if kind == "batch":
         return BatchNorm(name=name)(x, train)
@@ -158,5 +158,5 @@ def standard_norm(kind: str, x: jax.Array, train: bool, name: str | None = None)
 
 
 def scaled_channels(channels: int, width: float) -> int:
-    """``channels * width`` rounded to the nearest integer, at least 1."""
+    """`channels * width` rounded to the nearest integer, at least 1."""
     return max(1, int(math.floor(channels * width + 0.5)))

@@ -1,36 +1,36 @@
-"""Parameter dynamics ``dθ/dt = q(θ, p)`` for ANODEv2 coupled blocks.
+"""Parameter dynamics `dθ/dt = q(θ, p)` for ANODEv2 coupled blocks.
 
 ANODEv2 (Zhang et al. 2019, arXiv:1906.04596, Eq. 3) evolves the weights of a block in
 time together with its activations::
 
     dz/dt = f(z, θ(t)),    dθ/dt = q(θ, p),    θ(0) = θ₀,
 
-and trains ``θ₀`` and ``p``. The paper uses a reaction-diffusion-advection (RDA)
-equation for ``q`` but does not publish its discretization. The operator below is
+and trains `θ₀` and `p`. The paper uses a reaction-diffusion-advection (RDA)
+equation for `q` but does not publish its discretization. The operator below is
 **this project's** definition, not the paper's exact one.
 
-For every convolution kernel ``K`` of shape ``(H, W, I, O)`` (flax HWIO layout) the
-spatial taps ``(h, w)`` form a small grid with unit spacing, and::
+For every convolution kernel `K` of shape `(H, W, I, O)` (flax HWIO layout) the
+spatial taps `(h, w)` form a small grid with unit spacing, and::
 
     ∂K/∂t = D ⊙ ΔK + v_h ∂_h K + v_w ∂_w K + a ⊙ tanh(K) + b ⊙ K
 
-* ``Δ`` is the 5-point Laplacian, ``∂_h, ∂_w`` central differences, both with zero-flux
+* `Δ` is the 5-point Laplacian, `∂_h, ∂_w` central differences, both with zero-flux
   (Neumann) boundaries implemented by edge-replicating ghost taps; for a 1-wide axis
-  these vanish, so 1×1 kernels have ``Δ = ∇ = 0`` and 1×3 / 3×1 kernels diffuse along
+  these vanish, so 1×1 kernels have `Δ = ∇ = 0` and 1×3 / 3×1 kernels diffuse along
   their long axis only.
-* ``D = softplus(d) ≥ 0`` (diffusivity), ``v = (v_h, v_w)`` (velocity), ``a`` and ``b``
-  (reaction) are learned per output channel ``o`` and broadcast over ``(h, w, i)``.
+* `D = softplus(d) ≥ 0` (diffusivity), `v = (v_h, v_w)` (velocity), `a` and `b`
+  (reaction) are learned per output channel `o` and broadcast over `(h, w, i)`.
 
 Because the ghost taps copy the boundary, the discrete Laplacian sums to zero over the
-taps, so pure diffusion (``v = 0``, ``a = b = 0``) conserves each kernel's tap sum.
+taps, so pure diffusion (`v = 0`, `a = b = 0`) conserves each kernel's tap sum.
 
-``"conv"`` is a learned linear map over the tap dimension, per output channel:
-``dK[k', i, o]/dt = Σ_k M[o, k', k] K[k, i, o]`` with ``k`` the flattened ``(h, w)``.
+`"conv"` is a learned linear map over the tap dimension, per output channel:
+`dK[k', i, o]/dt = Σ_k M[o, k', k] K[k, i, o]` with `k` the flattened `(h, w)`.
 
-``"none"``: ``dθ/dt = 0`` (ANODEv2 reduces to ANODE).
+`"none"`: `dθ/dt = 0` (ANODEv2 reduces to ANODE).
 
 Only 4-D leaves (conv kernels) evolve; biases and normalization scales/offsets are
-part of the state but have ``dθ/dt = 0``.
+part of the state but have `dθ/dt = 0`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-#: Names of the parameter dynamics accepted by ``CoupledODEBlock(q=...)``.
+#: Names of the parameter dynamics accepted by `CoupledODEBlock(q=...)`.
 Q_NAMES = ("none", "rda", "conv")
 
 #: softplus(_DIFFUSION_INIT) ≈ 0.1: weak initial smoothing of the kernels.
@@ -54,13 +54,13 @@ PyTree = Any
 
 @functools.cache
 def tap_operators(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Finite-difference matrices ``(Δ, ∂_h, ∂_w)`` over the taps of an ``height×width`` grid.
+    """Finite-difference matrices `(Δ, ∂_h, ∂_w)` over the taps of an `height×width` grid.
 
-    Each is ``(k, k)`` with ``k = height·width`` taps in row-major order, acting on a
-    kernel reshaped to ``(k, I, O)``. Unit spacing; zero-flux (Neumann) boundaries via
-    ghost taps equal to their boundary neighbour, so ``Δ`` (5-point) has zero column
-    sums and ``∂`` (central differences) is ``½·(inner − boundary)`` at the boundary.
-    A 1-wide axis contributes nothing: 1×1 kernels have ``Δ = ∂_h = ∂_w = 0``.
+    Each is `(k, k)` with `k = height·width` taps in row-major order, acting on a
+    kernel reshaped to `(k, I, O)`. Unit spacing; zero-flux (Neumann) boundaries via
+    ghost taps equal to their boundary neighbour, so `Δ` (5-point) has zero column
+    sums and `∂` (central differences) is `½·(inner − boundary)` at the boundary.
+    A 1-wide axis contributes nothing: 1×1 kernels have `Δ = ∂_h = ∂_w = 0`.
     """
     k = height * width
     lap = np.zeros((k, k))
@@ -86,9 +86,9 @@ def tap_operators(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _apply_taps(operator: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``out[a, i, o] = Σ_b operator[o, a, b] · kernel[b, i, o]`` on an HWIO kernel.
+    """`out[a, i, o] = Σ_b operator[o, a, b] · kernel[b, i, o]` on an HWIO kernel.
 
-    ``operator``: ``(O, k, k)``. One batched matmul over output channels keeps the
+    `operator`: `(O, k, k)`. One batched matmul over output channels keeps the
     compiled program small (a pad/slice stencil per kernel per solver stage made XLA's
     compile time explode for whole networks).
     """
@@ -105,7 +105,7 @@ def kernel_laplacian(kernel: jax.Array) -> jax.Array:
 
 
 def kernel_gradient(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Central differences ``(∂_h K, ∂_w K)`` over the taps, Neumann boundaries, h = 1."""
+    """Central differences `(∂_h K, ∂_w K)` over the taps, Neumann boundaries, h = 1."""
     _, grad_h, grad_w = tap_operators(*kernel.shape[:2])
     shape = (kernel.shape[-1],) + grad_h.shape
     return tuple(
@@ -117,9 +117,9 @@ def kernel_gradient(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
 def rda_rhs(kernel: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
     """RDA right-hand side for one HWIO kernel (module docstring equation).
 
-    ``p``: ``diffusion`` (O,) pre-softplus, ``velocity`` (2, O), ``reaction_tanh`` (O,),
-    ``reaction_linear`` (O,). Returns an array shaped like ``kernel``. The linear part
-    ``D Δ + v_h ∂_h + v_w ∂_w`` is assembled per output channel as one ``(O, k, k)``
+    `p`: `diffusion` (O,) pre-softplus, `velocity` (2, O), `reaction_tanh` (O,),
+    `reaction_linear` (O,). Returns an array shaped like `kernel`. The linear part
+    `D Δ + v_h ∂_h + v_w ∂_w` is assembled per output channel as one `(O, k, k)`
     operator and applied in a single batched matmul.
     """
     dtype = kernel.dtype
@@ -139,9 +139,9 @@ def rda_rhs(kernel: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
 
 
 def conv_rhs(kernel: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
-    """Learned tap mixing for one HWIO kernel: ``dK[k',i,o] = Σ_k M[o,k',k] K[k,i,o]``.
+    """Learned tap mixing for one HWIO kernel: `dK[k',i,o] = Σ_k M[o,k',k] K[k,i,o]`.
 
-    ``p["mixing"]``: ``(O, H·W, H·W)``.
+    `p["mixing"]`: `(O, H·W, H·W)`.
     """
     return _apply_taps(p["mixing"].astype(kernel.dtype), kernel)
 
@@ -176,10 +176,10 @@ def _is_kernel(leaf: jax.Array) -> bool:
 
 
 def init_q_params(q: str, theta: PyTree) -> PyTree:
-    """Initial ``p`` for the dynamics ``q`` of the weight pytree ``theta``.
+    """Initial `p` for the dynamics `q` of the weight pytree `theta`.
 
-    Returns a nested dict mirroring the paths of ``theta``'s conv kernels (4-D leaves)
-    with one parameter dict per kernel; ``{}`` for ``q="none"``.
+    Returns a nested dict mirroring the paths of `theta`'s conv kernels (4-D leaves)
+    with one parameter dict per kernel; `{}` for `q="none"`.
     """
     _check_q(q)
     if q == "none":
@@ -197,10 +197,10 @@ def _lookup(tree: PyTree, path: tuple[str, ...]) -> PyTree:
 
 
 def parameter_field(q: str, theta: PyTree, q_params: PyTree) -> PyTree:
-    """``dθ/dt = q(θ, p)`` for a whole weight pytree (ANODEv2 Eq. 3, second line).
+    """`dθ/dt = q(θ, p)` for a whole weight pytree (ANODEv2 Eq. 3, second line).
 
-    Conv kernels get :func:`rda_rhs` / :func:`conv_rhs`; every other leaf gets 0.
-    ``theta`` is not batched, so this is evaluated once per solver stage.
+    Conv kernels get `rda_rhs` / `conv_rhs`; every other leaf gets 0.
+    `theta` is not batched, so this is evaluated once per solver stage.
     """
     _check_q(q)
     if q == "none":

@@ -1,12 +1,12 @@
 """Neural-network primitives that stay fast inside loops (Flax-free, like the core).
 
-* :func:`conv_general_dilated`: drop-in for ``lax.conv_general_dilated`` whose reverse-mode
+* `conv_general_dilated`: drop-in for `lax.conv_general_dilated` whose reverse-mode
   derivative emits only convolutions in XLA:CPU's canonical layout (fast inside
-  ``lax.scan`` / ``fori_loop``); use it in Flax as
-  ``nn.Conv(..., conv_general_dilated=anode_jax.nn.conv_general_dilated)``. The formulation of
+  `lax.scan` / `fori_loop`); use it in Flax as
+  `nn.Conv(..., conv_general_dilated=anode_jax.nn.conv_general_dilated)`. The formulation of
   each gradient is chosen by measurement on the running machine and cached on disk
-  (``anode_jax.nn._autotune``: ``ANODE_JAX_AUTOTUNE=on|off|cache``, ``ANODE_JAX_AUTOTUNE_CACHE``).
-* :func:`noncanonical_convs`: the convolutions of a compiled program that XLA:CPU runs on its
+  (`anode_jax.nn.autotune`: `ANODE_JAX_AUTOTUNE=on|off|cache`, `ANODE_JAX_AUTOTUNE_CACHE`).
+* `noncanonical_convs`: the convolutions of a compiled program that XLA:CPU runs on its
   slow path inside loops (a debugging and regression-test utility).
 """
 

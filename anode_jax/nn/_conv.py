@@ -1,24 +1,24 @@
 """A convolution whose reverse-mode derivative stays fast inside loops on XLA:CPU.
 
-``lax.conv_general_dilated``'s transpose rules express the input gradient as a convolution
-with a reversed window and swapped kernel dimensions (``b01f_01oi->b01f``) and the weight
-gradient as one with batch and feature roles exchanged (``f01b_i01o->01bf``). XLA:CPU
+`lax.conv_general_dilated`'s transpose rules express the input gradient as a convolution
+with a reversed window and swapped kernel dimensions (`b01f_01oi->b01f`) and the weight
+gradient as one with batch and feature roles exchanged (`f01b_i01o->01bf`). XLA:CPU
 rewrites such convolutions into its fast layout (NHWC input, HWIO kernel, no window
-reversal) only in the program's entry computation; inside a while body (``lax.scan``,
-``fori_loop``, a looped checkpoint) they run on a naive loop nest, 10–100× slower
+reversal) only in the program's entry computation; inside a while body (`lax.scan`,
+`fori_loop`, a looped checkpoint) they run on a naive loop nest, 10–100× slower
 (jax issue #12868; measured in docs/bench_conv.md).
 
-:func:`conv_general_dilated` computes the same convolution, but its ``jax.custom_vjp``
+`conv_general_dilated` computes the same convolution, but its `jax.custom_vjp`
 backward is written with explicit transposes around convolutions that are already in the
-canonical layout (``b01f_01io->b01f``), so no pass is needed to make them fast. The
-backward calls :func:`conv_general_dilated` itself, so higher reverse-mode derivatives stay
+canonical layout (`b01f_01io->b01f`), so no pass is needed to make them fast. The
+backward calls `conv_general_dilated` itself, so higher reverse-mode derivatives stay
 canonical too. Each gradient has several correct formulations (the weight gradient as one
 canonical convolution, as one batch-parallel matrix product per kernel tap, or as one matrix
 product per tap over batch and pixels together; the input gradient as one canonical
 convolution or as per-tap products); which is fastest depends on the shape and the machine,
 so by default it is chosen by measurement on first use and cached on disk
-(`anode_jax.nn._autotune`; docs/bench_conv.md), with the shape rule
-:func:`weight_gradient_method` as the deterministic default when measuring is off.
+(`anode_jax.nn.autotune`; docs/bench_conv.md), with the shape rule
+`weight_gradient_method` as the deterministic default when measuring is off.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _autotune
+from . import autotune
 
-#: Formulations of the weight gradient accepted by ``weight_gradient=``.
+#: Formulations of the weight gradient accepted by `weight_gradient=`.
 WEIGHT_GRADIENT_METHODS = ("auto", "conv", "taps", "gemm")
-#: Formulations of the input gradient accepted by ``input_gradient=``.
+#: Formulations of the input gradient accepted by `input_gradient=`.
 INPUT_GRADIENT_METHODS = ("auto", "conv", "taps")
 
 
@@ -66,19 +66,19 @@ def weight_gradient_method(
     Used when autotuning is off (`ANODE_JAX_AUTOTUNE=off`) or cannot measure; otherwise the
     formulation is chosen by timing all of them on the running machine.
 
-    Shapes in the canonical layout: ``lhs`` ``(N, *spatial, C_in)``, ``rhs``
-    ``(*kernel, C_in/G, C_out)``, ``out`` ``(N, *spatial_out, C_out)``.
+    Shapes in the canonical layout: `lhs` `(N, *spatial, C_in)`, `rhs`
+    `(*kernel, C_in/G, C_out)`, `out` `(N, *spatial_out, C_out)`.
 
-    * ``"taps"``: one batch-parallel matrix product ``Σ_n x_nᵀ·g_n`` per kernel tap
-      (``einsum("n…i,n…o->nio").sum(0)`` over a strided slice of the padded input);
-    * ``"conv"``: one canonical convolution with the input's channels as batch and the
+    * `"taps"`: one batch-parallel matrix product `Σ_n x_nᵀ·g_n` per kernel tap
+      (`einsum("n…i,n…o->nio").sum(0)` over a strided slice of the padded input);
+    * `"conv"`: one canonical convolution with the input's channels as batch and the
       output cotangent as kernel (what XLA:CPU does for lax's weight gradient at top level);
-    * ``"gemm"`` (never the default): one matrix product per tap contracting batch and
+    * `"gemm"` (never the default): one matrix product per tap contracting batch and
       pixels together.
 
     Rule (XLA:CPU on an earlier 2-core machine, measured in benchmarks/bench_conv.py, docs/bench_conv.md): "taps" when the
     kernel has at most 3 taps (1×1, 1×3, 3×1) or the per-group channel product
-    ``(C_in/G)·(C_out/G)`` is at least ``64·64`` (each tap's product is then a large enough
+    `(C_in/G)·(C_out/G)` is at least `64·64` (each tap's product is then a large enough
     matrix product); "conv" otherwise (e.g. 3×3 with 16 or 32 channels), whatever the image
     size.
     """
@@ -113,20 +113,20 @@ def conv_general_dilated(
     weight_gradient: str = "auto",
     input_gradient: str = "auto",
 ) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated`` with a loop-safe reverse-mode derivative.
+    """Drop-in for `lax.conv_general_dilated` with a loop-safe reverse-mode derivative.
 
-    Same arguments, value and derivatives as ``lax.conv_general_dilated`` (float64 results
+    Same arguments, value and derivatives as `lax.conv_general_dilated` (float64 results
     agree to rounding, tests/test_conv.py). Its backward emits only convolutions in
-    XLA:CPU's canonical layout (``b01f_01io->b01f``, no window reversal) with explicit
-    transposes around them, so that gradients through ``lax.scan`` / ``fori_loop`` run on
-    the fast convolution kernel; check a program with :func:`anode_jax.nn.noncanonical_convs`.
-    Use it in Flax as ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``.
+    XLA:CPU's canonical layout (`b01f_01io->b01f`, no window reversal) with explicit
+    transposes around them, so that gradients through `lax.scan` / `fori_loop` run on
+    the fast convolution kernel; check a program with `anode_jax.nn.noncanonical_convs`.
+    Use it in Flax as `nn.Conv(..., conv_general_dilated=conv_general_dilated)`.
 
-    Supported: any number of spatial dimensions, any ``dimension_numbers`` (the operands
-    are transposed to NHWC/HWIO and the result back), strides, padding (``"SAME"``,
-    ``"VALID"``, ``"SAME_LOWER"`` or explicit ``(low, high)`` pairs, negative too; strings
-    only without input dilation, as in lax), input (``lhs``) and kernel (``rhs``) dilation,
-    ``feature_group_count``; ``precision`` is passed to every convolution of the forward
+    Supported: any number of spatial dimensions, any `dimension_numbers` (the operands
+    are transposed to NHWC/HWIO and the result back), strides, padding (`"SAME"`,
+    `"VALID"`, `"SAME_LOWER"` or explicit `(low, high)` pairs, negative too; strings
+    only without input dilation, as in lax), input (`lhs`) and kernel (`rhs`) dilation,
+    `feature_group_count`; `precision` is passed to every convolution of the forward
     and backward passes. Grouped convolutions stay canonical inside loops, but XLA:CPU's
     grouped kernel itself was not faster than lax's slow path there (one measurement, 3×3
     with 4 groups: 124 vs 106 ms). A window with more taps than the map has pixels (3×3 on
@@ -134,37 +134,37 @@ def conv_general_dilated(
     barrier, since XLA would otherwise swap the operands into a reversed, non-canonical
     convolution.
 
-    Differentiation: reverse mode to any order (``grad``, ``grad`` of ``grad``: the backward
+    Differentiation: reverse mode to any order (`grad`, `grad` of `grad`: the backward
     is built from this function itself, transposes, reshapes, slices and einsums);
-    ``vmap`` and ``jit`` work. **Forward mode (``jvp``, ``jacfwd``, ``linearize`` of a
-    ``jvp``) is not supported**: it is a ``jax.custom_vjp`` function, and JAX raises
-    ``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function`` — use
-    ``lax.conv_general_dilated`` (e.g. ``create_model(..., conv="lax")``) there.
+    `vmap` and `jit` work. **Forward mode (`jvp`, `jacfwd`, `linearize` of a
+    `jvp`) is not supported**: it is a `jax.custom_vjp` function, and JAX raises
+    `TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function` — use
+    `lax.conv_general_dilated` (e.g. `create_model(..., conv="lax")`) there.
 
     Args:
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, precision: as in ``lax.conv_general_dilated``.
+        feature_group_count, precision: as in `lax.conv_general_dilated`.
       batch_group_count: must be 1 (ValueError otherwise).
       preferred_element_type: must be None (ValueError otherwise).
-      weight_gradient: ``"auto"`` (the fastest measured on this machine, see below),
-        ``"conv"``, ``"taps"`` or ``"gemm"`` (force one formulation).
-      input_gradient: ``"auto"``, ``"conv"`` (one canonical convolution with the flipped
-        kernel) or ``"taps"`` (the transpose of per-tap matrix products).
+      weight_gradient: `"auto"` (the fastest measured on this machine, see below),
+        `"conv"`, `"taps"` or `"gemm"` (force one formulation).
+      input_gradient: `"auto"`, `"conv"` (one canonical convolution with the flipped
+        kernel) or `"taps"` (the transpose of per-tap matrix products).
 
-    Choice by measurement (``"auto"``): when the backward is first traced for a new shape
-    (under ``jit`` that is at compile time; shapes are static), every formulation is
+    Choice by measurement (`"auto"`): when the backward is first traced for a new shape
+    (under `jit` that is at compile time; shapes are static), every formulation is
     compiled and timed on random inputs of that shape outside the trace, and the fastest
     is used and cached in memory and on disk per machine (CPU model and flags, backend,
-    jax/jaxlib, ``XLA_FLAGS``). ``ANODE_JAX_AUTOTUNE=off`` uses the deterministic default
-    (:func:`weight_gradient_method`, a convolution for the input gradient),
-    ``ANODE_JAX_AUTOTUNE=cache`` uses cached choices only, ``ANODE_JAX_AUTOTUNE_CACHE=<dir>``
-    moves the cache (default ``~/.cache/anode_jax``), and
-    ``ANODE_JAX_CONV_WEIGHT_GRADIENT`` / ``ANODE_JAX_CONV_INPUT_GRADIENT`` pin a formulation
+    jax/jaxlib, `XLA_FLAGS`). `ANODE_JAX_AUTOTUNE=off` uses the deterministic default
+    (`weight_gradient_method`, a convolution for the input gradient),
+    `ANODE_JAX_AUTOTUNE=cache` uses cached choices only, `ANODE_JAX_AUTOTUNE_CACHE=<dir>`
+    moves the cache (default `~/.cache/anode_jax`), and
+    `ANODE_JAX_CONV_WEIGHT_GRADIENT` / `ANODE_JAX_CONV_INPUT_GRADIENT` pin a formulation
     for every call. All formulations give the same gradients up to rounding.
 
     Raises:
-      ValueError: for ``batch_group_count != 1``, a ``preferred_element_type``, an unknown
-        ``weight_gradient``, ``input_gradient`` or padding string, or arguments of the
+      ValueError: for `batch_group_count != 1`, a `preferred_element_type`, an unknown
+        `weight_gradient`, `input_gradient` or padding string, or arguments of the
         wrong length.
     """
     if batch_group_count != 1:
@@ -310,7 +310,7 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, resid
             m: functools.partial(_input_grad, m, x.shape, geometry=geometry, methods=methods)
             for m in INPUT_GRADIENT_METHODS[1:]
         }
-        input_method = _autotune.choose(
+        input_method = autotune.choose(
             "conv_input_gradient",
             fields,
             candidates,
@@ -323,7 +323,7 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, resid
             m: functools.partial(_weight_grad, m, w.shape, geometry=geometry, methods=methods)
             for m in WEIGHT_GRADIENT_METHODS[1:]
         }
-        weight_method = _autotune.choose(
+        weight_method = autotune.choose(
             "conv_weight_gradient",
             fields,
             candidates,
@@ -462,10 +462,10 @@ def _weight_grad_conv(
 def _weight_grad_taps(
     x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, flat=False
 ):
-    """dw as one product ``Σ_n x_tapᵀ·ct`` per kernel tap.
+    """dw as one product `Σ_n x_tapᵀ·ct` per kernel tap.
 
-    ``flat=False``: batch-parallel products summed over the batch ("taps");
-    ``flat=True``: one matrix product contracting batch and pixels together ("gemm").
+    `flat=False`: batch-parallel products summed over the batch ("taps");
+    `flat=True`: one matrix product contracting batch and pixels together ("gemm").
     """
     n, cin, cout = x.shape[0], x.shape[-1], ct.shape[-1]
     out_spatial = ct.shape[1:-1]

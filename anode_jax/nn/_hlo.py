@@ -1,10 +1,10 @@
 """Inspect compiled XLA programs: convolutions left outside XLA:CPU's fast layout in loops.
 
 XLA:CPU runs a convolution through its fast (Eigen) kernel only when the convolution is in
-the canonical layout: input ``b01f`` (NHWC), kernel ``01io`` (HWIO), output ``b01f``, no
+the canonical layout: input `b01f` (NHWC), kernel `01io` (HWIO), output `b01f`, no
 window reversal, float32/float16. Its canonicalization pass rewrites other layouts into this
-one only in the program's entry computation; a convolution inside a while body (``lax.scan``,
-``fori_loop``, a looped checkpoint) keeps the layout it was written in and, if that is not the
+one only in the program's entry computation; a convolution inside a while body (`lax.scan`,
+`fori_loop`, a looped checkpoint) keeps the layout it was written in and, if that is not the
 canonical one, falls back to a naive loop nest (10–100× slower; jax issue #12868).
 """
 
@@ -46,10 +46,10 @@ def _called(line: str) -> list[str]:
 
 
 def is_canonical_conv(line: str) -> bool:
-    """Whether one HLO ``convolution`` instruction is in XLA:CPU's fast layout.
+    """Whether one HLO `convolution` instruction is in XLA:CPU's fast layout.
 
-    Canonical: ``dim_labels=b01f_01io->b01f`` (``b0f_0io->b0f`` in 1-D, ``b012f_012io->b012f``
-    in 3-D) and no ``rhs_reversal`` in its window. The element type is not checked.
+    Canonical: `dim_labels=b01f_01io->b01f` (`b0f_0io->b0f` in 1-D, `b012f_012io->b012f`
+    in 3-D) and no `rhs_reversal` in its window. The element type is not checked.
     """
     match = _DIM_LABELS.search(line)
     if match is None or "rhs_reversal" in line:
@@ -65,11 +65,11 @@ def is_canonical_conv(line: str) -> bool:
 
 
 def convs_in_loops(compiled_text: str) -> list[str]:
-    """Every ``convolution(`` instruction (stripped line) inside a while loop of a program.
+    """Every `convolution(` instruction (stripped line) inside a while loop of a program.
 
     "Inside" means in a computation reachable from a while instruction's body or condition
-    (through calls, fusions, nested loops, conditionals). ``compiled_text``:
-    ``jax.jit(f).lower(*args).compile().as_text()``.
+    (through calls, fusions, nested loops, conditionals). `compiled_text`:
+    `jax.jit(f).lower(*args).compile().as_text()`.
     """
     return _convs(compiled_text, include_entry=False)
 
@@ -105,15 +105,15 @@ def noncanonical_convs(compiled_text: str, *, include_entry: bool = False) -> li
     """The convolutions of a compiled program that XLA:CPU will run on its slow path.
 
     Args:
-      compiled_text: ``jax.jit(f).lower(*args).compile().as_text()`` (optimized HLO).
+      compiled_text: `jax.jit(f).lower(*args).compile().as_text()` (optimized HLO).
       include_entry: also report non-canonical convolutions outside loops (by default only
         convolutions in computations reachable from a while loop's body or condition are
         checked: in the entry computation XLA:CPU canonicalizes them itself).
 
     Returns:
-      The offending ``convolution(`` instruction lines (stripped), empty when every
-      convolution checked has ``dim_labels=b01f_01io->b01f`` (any spatial rank) and no
-      window reversal. A program without loops returns ``[]`` unless ``include_entry``.
+      The offending `convolution(` instruction lines (stripped), empty when every
+      convolution checked has `dim_labels=b01f_01io->b01f` (any spatial rank) and no
+      window reversal. A program without loops returns `[]` unless `include_entry`.
     """
     return [
         line

@@ -1,12 +1,12 @@
 """Where a fixed-step solve evaluates its vector field, and the quadrature weight of each time.
 
-A fixed-step solve of ``dy/dt = f(t, y)`` over ``[t0, t1]`` evaluates ``f`` at a known, finite
-set of times (Euler: ``t_n``; midpoint: ``t_n`` and ``t_n + h/2``; RK4: ``t_n``, ``t_n + h/2``
-twice and ``t_{n+1}``). Integrating a state-independent field ``g(t)`` with the same solver
-gives ``Σ_k w_k g(t_k)``: the weights ``w_k`` are what the solve "sees" of each time (midpoint's
+A fixed-step solve of `dy/dt = f(t, y)` over `[t0, t1]` evaluates `f` at a known, finite
+set of times (Euler: `t_n`; midpoint: `t_n` and `t_n + h/2`; RK4: `t_n`, `t_n + h/2`
+twice and `t_{n+1}`). Integrating a state-independent field `g(t)` with the same solver
+gives `Σ_k w_k g(t_k)`: the weights `w_k` are what the solve "sees" of each time (midpoint's
 first stage has weight 0). Layers that keep per-time state for a solve — e.g. the running
-statistics of a BatchNorm inside a vector field (``anode_jax.models``) — key it by these times
-and interpolate between them with :func:`knot_weights`.
+statistics of a BatchNorm inside a vector field (`anode_jax.models`) — key it by these times
+and interpolate between them with `knot_weights`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ _Array = jax.Array
 def stage_times(
     solver: str | AbstractSolver, num_steps: int, t0: float = 0.0, t1: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(times, weights)`` of a fixed-step solve: the distinct times at which ``solver``
-    evaluates the vector field in ``num_steps`` steps over ``[t0, t1]``, ascending, and the total
-    quadrature weight the solve gives each (they sum to ``t1 - t0``). Times whose weight is zero
+    """`(times, weights)` of a fixed-step solve: the distinct times at which `solver`
+    evaluates the vector field in `num_steps` steps over `[t0, t1]`, ascending, and the total
+    quadrature weight the solve gives each (they sum to `t1 - t0`). Times whose weight is zero
     (e.g. midpoint's first stage, which only feeds the second) are left out: no integral over
     the solve can observe them.
 
@@ -81,10 +81,10 @@ def _probe(solver, num_steps, t0, t1):
 
 
 def knot_weights(knots: np.ndarray | _Array, t: _Array) -> _Array:
-    """The piecewise-linear ("hat") basis over ``knots`` at time ``t``: a ``(K,)`` vector of
-    weights summing to 1, one-hot when ``t`` is a knot, linear in between, constant (the end
-    knot) outside ``[knots[0], knots[-1]]``. ``knots``: ascending ``(K,)`` array (NumPy or
-    traced); ``t``: a scalar, traced or not. The result has ``t``'s floating dtype.
+    """The piecewise-linear ("hat") basis over `knots` at time `t`: a `(K,)` vector of
+    weights summing to 1, one-hot when `t` is a knot, linear in between, constant (the end
+    knot) outside `[knots[0], knots[-1]]`. `knots`: ascending `(K,)` array (NumPy or
+    traced); `t`: a scalar, traced or not. The result has `t`'s floating dtype.
     """
     t = jnp.asarray(t)
     dtype = t.dtype if jnp.issubdtype(t.dtype, jnp.floating) else jnp.result_type(float)

@@ -1,17 +1,17 @@
-"""Orbax checkpoints of the full training state under ``<workdir>/checkpoints``.
+"""Orbax checkpoints of the full training state under `<workdir>/checkpoints`.
 
-Each checkpoint holds ``state`` (params, batch_stats, opt_state, step, rng) and ``meta``
+Each checkpoint holds `state` (params, batch_stats, opt_state, step, rng) and `meta`
 (JSON: step, epoch, batch index within the epoch, steps per epoch, cumulative wall time,
 resolved config). Orbax writes to a temporary folder and renames it when complete, so a
 process killed mid-save leaves the previous checkpoint as the latest one.
 
 Faults (see docs/training.md, "Faults"):
 
-* :meth:`Checkpointer.restore_latest` tries the newest checkpoint first and falls back to
+* `Checkpointer.restore_latest` tries the newest checkpoint first and falls back to
   older ones when one cannot be read completely; the unreadable ones are moved to
-  ``<workdir>/damaged_checkpoints/`` (never deleted).
+  `<workdir>/damaged_checkpoints/` (never deleted).
 * A save that fails (full disk, unwritable folder), synchronously or in orbax's background
-  thread, raises :class:`CheckpointWriteError` with one line naming the latest complete
+  thread, raises `CheckpointWriteError` with one line naming the latest complete
   checkpoint; orbax only deletes old checkpoints after a save has committed, so that one
   stays readable.
 """
@@ -78,7 +78,7 @@ class Checkpointer:
         return sorted(int(n) for n in names if n.isdigit())
 
     def save(self, state: TrainState, meta: dict[str, Any]) -> None:
-        """Start an (asynchronous) save; raises :class:`CheckpointWriteError` when this save,
+        """Start an (asynchronous) save; raises `CheckpointWriteError` when this save,
         or the previous one still finishing in the background, could not be written."""
         step = int(meta["step"])
         self.wait()
@@ -110,9 +110,9 @@ class Checkpointer:
     def restore(
         self, template: TrainState, step: int | None = None
     ) -> tuple[TrainState, dict[str, Any]]:
-        """Restore ``step`` (default: latest) into the structure and shardings of ``template``.
+        """Restore `step` (default: latest) into the structure and shardings of `template`.
 
-        No fallback; see :meth:`restore_latest`.
+        No fallback; see `restore_latest`.
         """
         step = self.latest_step() if step is None else step
         return self._restore_state(template, step), self._restore_meta(step)
@@ -122,16 +122,16 @@ class Checkpointer:
         template: TrainState,
         check_meta: Callable[[dict[str, Any]], None] | None = None,
     ) -> tuple[TrainState | None, dict[str, Any] | None, list[str]]:
-        """Restore the newest checkpoint that reads completely; ``(state, meta, notes)``.
+        """Restore the newest checkpoint that reads completely; `(state, meta, notes)`.
 
-        ``(None, None, [])`` when the folder holds no checkpoint. A checkpoint whose meta
+        `(None, None, [])` when the folder holds no checkpoint. A checkpoint whose meta
         or state cannot be read (missing or truncated files, JSON that does not parse, a
-        tree that does not match ``template``, a step that disagrees with its folder) is
+        tree that does not match `template`, a step that disagrees with its folder) is
         skipped for the next newest; once a readable one is found the skipped ones are
-        moved to ``<workdir>/damaged_checkpoints/`` and ``notes`` holds one line for each.
-        ``check_meta(meta)`` runs before the state is read and may raise (e.g. a config
+        moved to `<workdir>/damaged_checkpoints/` and `notes` holds one line for each.
+        `check_meta(meta)` runs before the state is read and may raise (e.g. a config
         mismatch): that is the user's mistake, not damage, so it propagates and nothing is
-        moved. If none can be read nothing is moved and :class:`CheckpointReadError` says
+        moved. If none can be read nothing is moved and `CheckpointReadError` says
         what to do.
         """
         skipped: list[tuple[int, str]] = []
@@ -188,7 +188,7 @@ class Checkpointer:
         return TrainState(**out["state"])
 
     def _move_aside(self, skipped: list[tuple[int, str]], restored: int) -> list[str]:
-        """Rename the skipped step folders into ``damaged_checkpoints/``; one note each."""
+        """Rename the skipped step folders into `damaged_checkpoints/`; one note each."""
         if not skipped:
             return []
         dest_root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIRNAME)
@@ -221,7 +221,7 @@ class Checkpointer:
         return notes
 
     def wait(self) -> None:
-        """Wait for the save in flight; raise :class:`CheckpointWriteError` if it failed."""
+        """Wait for the save in flight; raise `CheckpointWriteError` if it failed."""
         try:
             self._mngr.wait_until_finished()
         except Exception as e:

@@ -2,7 +2,7 @@
 
 Every process runs the same trainer command. `initialize` connects it to the
 coordination service (`jax.distributed.initialize`); from then on `jax.devices()` lists
-the devices of all processes, the mesh of :mod:`anode_jax.training.sharding` spans them,
+the devices of all processes, the mesh of `anode_jax.training.sharding` spans them,
 and XLA's cross-process collectives (gloo over TCP on CPU, NCCL on GPU, ICI on TPU) carry
 the gradient all-reduce and the BatchNorm batch statistics, so the step computes the same
 function as one process holding the whole global batch.
@@ -25,7 +25,7 @@ are the rows the mesh places on process `p`'s devices (checked by
 Losing a process: the coordination service declares a process dead after
 `heartbeat_timeout_seconds` without a heartbeat and the survivors' runtime aborts them;
 a collective whose peer died fails as soon as its TCP connection breaks. The local
-launcher (:mod:`anode_jax.launch`) additionally stops the survivors itself after a short
+launcher (`anode_jax.launch`) additionally stops the survivors itself after a short
 grace period, with one line naming the lost process.
 """
 

@@ -4,7 +4,7 @@ gradient all-reduce (and the cross-device batch-norm statistics), so a sharded s
 computes the same function as a single-device step.
 
 Multi-process (GPU clusters, TPU pods, several CPU processes): set
-``config.distributed = True``; see anode_jax/training/distributed.py for how the processes
+`config.distributed = True`; see anode_jax/training/distributed.py for how the processes
 connect and which rows of each global batch a process feeds.
 """
 

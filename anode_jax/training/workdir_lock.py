@@ -1,17 +1,17 @@
-"""One trainer per workdir: an exclusive ``flock`` on ``<workdir>/trainer.lock``.
+"""One trainer per workdir: an exclusive `flock` on `<workdir>/trainer.lock`.
 
 Two trainers writing one workdir corrupt each other (orbax removes the other's temporary
-checkpoint folders at start-up, ``metrics.jsonl`` interleaves both runs' lines). The lock
+checkpoint folders at start-up, `metrics.jsonl` interleaves both runs' lines). The lock
 is taken before anything in the workdir is written and is held for the life of the run.
 
-``flock`` locks belong to the open file, so the kernel drops them when the process dies
-for any reason (``kill -9`` included): a leftover ``trainer.lock`` file never blocks a
-resume. The file's text (``pid ... on host ...``) only serves to name the holder in the
+`flock` locks belong to the open file, so the kernel drops them when the process dies
+for any reason (`kill -9` included): a leftover `trainer.lock` file never blocks a
+resume. The file's text (`pid ... on host ...`) only serves to name the holder in the
 refusal; the lock itself is the kernel's.
 
-Multi-process runs (``config.distributed``) lock one file per process,
-``trainer.lock.process-<i>``: every process of a run writes the shared workdir, so every
-process of a second run must be refused, and process ``i`` of two runs meet on the same
+Multi-process runs (`config.distributed`) lock one file per process,
+`trainer.lock.process-<i>`: every process of a run writes the shared workdir, so every
+process of a second run must be refused, and process `i` of two runs meet on the same
 file.
 """
 
@@ -31,7 +31,7 @@ class WorkdirBusyError(TrainingError):
 
 
 class WorkdirLock:
-    """Exclusive, non-blocking lock on a workdir; ``release()`` or process exit frees it."""
+    """Exclusive, non-blocking lock on a workdir; `release()` or process exit frees it."""
 
     def __init__(self, workdir: str, *, process_index: int = 0, process_count: int = 1):
         self.workdir = os.path.abspath(workdir)
@@ -41,7 +41,7 @@ class WorkdirLock:
         self.enforced = True  # False where the filesystem offers no flock (see acquire)
 
     def acquire(self) -> WorkdirLock:
-        """Take the lock or raise :class:`WorkdirBusyError` (one line) without writing anything.
+        """Take the lock or raise `WorkdirBusyError` (one line) without writing anything.
 
         Creates the workdir and the lock file if missing. An existing lock file is opened
         without truncation and only rewritten once the lock is ours, so a refused trainer

@@ -4,7 +4,7 @@ The loop-safe convolution owns the formulations of its backward pass (the weight
 one canonical convolution, as per-tap products, ...; the input gradient as a convolution or as
 per-tap products). Which is fastest depends on the shape, the dtype, the CPU (AVX2 or
 AVX-512, core count), the jax/jaxlib version and the XLA flags, so a rule tuned on one machine
-is the wrong rule on the next (docs/bench_conv.md). Like cuDNN's autotuner, :func:`choose`
+is the wrong rule on the next (docs/bench_conv.md). Like cuDNN's autotuner, `choose`
 times every candidate once, on first use, and remembers the fastest:
 
 * **When.** Shapes and dtypes are static in JAX: they are known when the backward is *traced*
@@ -18,16 +18,16 @@ times every candidate once, on first use, and remembers the fastest:
 * **Where it is kept.** In memory for the process, and on disk in a JSON file per machine:
   `$ANODE_JAX_AUTOTUNE_CACHE/autotune-<key>.json`, by default
   `$XDG_CACHE_HOME/anode_jax/` (`~/.cache/anode_jax/`). `<key>` hashes
-  :func:`machine_key` (CPU model and ISA flags, core count, backend and device kind,
+  `machine_key` (CPU model and ISA flags, core count, backend and device kind,
   jax/jaxlib versions, `XLA_FLAGS`), so files from different machines or flag settings never
   mix. A corrupt or unreadable file is ignored with a warning and rewritten.
 * **Switches.** `ANODE_JAX_AUTOTUNE=off` (or `0`): never measure, never read or write the
-  cache; use the deterministic default rule (:func:`anode_jax.nn.weight_gradient_method`
+  cache; use the deterministic default rule (`anode_jax.nn.weight_gradient_method`
   for the weight gradient, a convolution for the input gradient). `ANODE_JAX_AUTOTUNE=cache`:
   use cached choices, on a miss the default rule without measuring. `on` (default): measure
   on a miss. Pin one formulation for every call with `ANODE_JAX_CONV_WEIGHT_GRADIENT=<name>` /
   `ANODE_JAX_CONV_INPUT_GRADIENT=<name>`, or per call with `weight_gradient=` /
-  `input_gradient=` of :func:`anode_jax.nn.conv_general_dilated`.
+  `input_gradient=` of `anode_jax.nn.conv_general_dilated`.
 * **When measuring fails** (a candidate does not compile or runs out of memory), that
   candidate is skipped; if none can be timed, the default rule is used with a warning.
 
@@ -56,7 +56,7 @@ AUTOTUNE_MODES = ("on", "off", "cache")
 _MODE_ALIASES = {"1": "on", "true": "on", "0": "off", "false": "off", "": "on"}
 
 #: Candidates whose first run is this many times slower than the fastest one's are not timed
-#: again (see :func:`measure`).
+#: again (see `measure`).
 PRUNE_FACTOR = 3.0
 
 #: CPU flags that decide which kernels XLA and its libraries can use.
