@@ -123,12 +123,14 @@ def test_integer_leaves_in_args_are_allowed(x64):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("adjoint", ["direct", "anode", "checkpointed:2", "backsolve"])
-def test_low_precision_states(dtype, adjoint):
-    z0, theta = conv_relu_problem(jax.random.PRNGKey(4), dtype=jnp.float32)
+def test_low_precision_states(x64, dtype, adjoint):
+    # The reference is the same strategy on the same problem in float64: the test measures what
+    # the low-precision state costs, not a function compared with itself.
+    z0, theta = conv_relu_problem(jax.random.PRNGKey(4), dtype=jnp.float64)
     z0_low = z0.astype(dtype)
     theta_low = jax.tree.map(lambda w: w.astype(dtype), theta)
     loss = lambda z, th: jnp.mean(
-        odeint(conv_relu_field, z, th, num_steps=2, adjoint=adjoint).astype(jnp.float32) ** 2
+        odeint(conv_relu_field, z, th, num_steps=2, adjoint=adjoint).astype(jnp.float64) ** 2
     )
     out = jax.jit(lambda z, th: odeint(conv_relu_field, z, th, num_steps=2, adjoint=adjoint))(
         z0_low, theta_low
@@ -137,13 +139,15 @@ def test_low_precision_states(dtype, adjoint):
     g_low = jax.jit(jax.grad(loss, argnums=1))(z0_low, theta_low)
     g_ref = jax.jit(jax.grad(loss, argnums=1))(z0, theta)
     assert all(g.dtype == dtype for g in jax.tree.leaves(g_low))
-    # bfloat16 has an 8-bit mantissa: agreement with float32 to a few percent of the gradient scale.
+    # float32 round-off (24-bit mantissa) over two RK4 steps and their reversal: 1e-5 of the
+    # gradient scale; bfloat16 (8-bit mantissa): a few percent.
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
     for a, b in zip(jax.tree.leaves(g_low), jax.tree.leaves(g_ref)):
         scale = float(jnp.max(jnp.abs(b)))
-        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= tol * scale + (
-            tol if adjoint == "backsolve" else 0
-        )
+        error = float(jnp.max(jnp.abs(a.astype(jnp.float64) - b)))
+        assert error <= tol * scale
+        # ... and not identical: the low-precision path really computed in low precision.
+        assert error > 0
 
 
 # ------------------------------------------------------------------------------------------
