@@ -105,18 +105,7 @@ def _machine() -> dict:
     from _common import machine
 
     info = machine()
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), "")
-    except OSError:
-        pass
-    import jaxlib
-
     info.update(
-        cpu_model=model,
-        jaxlib=jaxlib.__version__,
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
         collectives="gloo (TCP, loopback)",
     )
     return info

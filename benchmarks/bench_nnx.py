@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,6 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import optax
 from flax import nnx
 
@@ -161,17 +159,6 @@ def _pure(step, carry, images, labels):
     return run
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -232,11 +219,8 @@ def main():
     payload = {
         "machine": {
             **_common.machine(),
-            "cpu_model": cpu_model(),
-            "jaxlib": jaxlib.__version__,
             "flax": flax.__version__,
             "optax": optax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "loadavg_1min": {"min": min(load), "median": statistics.median(load), "max": max(load)},
         },
         "setup": {**vars(args), "network": "small", "adjoint": "anode", "optimizer": "adamw"},

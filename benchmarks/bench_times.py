@@ -272,17 +272,6 @@ def markdown(payload):
     return "\n".join(lines) + "\n"
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outputs", type=int, nargs="+", default=[100, 1000])
@@ -300,12 +289,8 @@ def main():
         help="skip the direct rows above this many steps in all",
     )
     args = parser.parse_args()
-    import jaxlib
 
-    machine = dict(
-        _common.machine(), cpu_model=cpu_model(), jaxlib=jaxlib.__version__,
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-    )  # fmt: skip
+    machine = _common.machine()
     if args.probe_only:
         path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_times.json")
         with open(path) as f:
