@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import types
@@ -307,12 +308,32 @@ def _check_state(y0) -> None:
             )
 
 
+@contextlib.contextmanager
+def _without_leak_referrer_search():
+    """JAX's leak report searches the garbage collector's referrer graph and the live frames
+    for what holds each leaked tracer (`jax._src.core._why_alive`, `_held_in_frame_locals`),
+    which takes minutes in a process with a large heap (a long test run, a notebook); odeint
+    replaces that report with its own one-line error, so the search is skipped while odeint
+    checks a vector field. A no-op for a JAX without these hooks."""
+    from jax._src import core as jax_core
+
+    stubs = {"_why_alive": lambda ignore_ids, x: "", "_held_in_frame_locals": lambda x, ids: []}
+    saved = {name: getattr(jax_core, name) for name in stubs if hasattr(jax_core, name)}
+    for name in saved:
+        setattr(jax_core, name, stubs[name])
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(jax_core, name, original)
+
+
 def _check_output(vector_field, t, y0, args) -> None:
     # Leak checking turns a vector field that stores a traced value outside its output (a Flax
     # submodule creating its variables inside the solve) into an error here, at its first
     # trace, instead of leaked tracers in the caller's variables.
     try:
-        with jax.checking_leaks():
+        with jax.checking_leaks(), _without_leak_referrer_search():
             out = jax.eval_shape(vector_field, t, y0, args)
     except Exception as err:  # JAX's leak checker raises a plain Exception
         if "Leaked trace" not in str(err):
