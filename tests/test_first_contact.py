@@ -300,11 +300,13 @@ def test_python_scalars_in_args_are_static(x64, case, unroll):
     def solve(w, n):
         args = {"n": n, "scale": 0.5, "w": w, "label": "decay"}
         return odeint(
-            _shaped_field, y0, args, num_steps=40, solver=solver, adjoint=adjoint, unroll=unroll
+            _shaped_field, y0, args, num_steps=8, solver=solver, adjoint=adjoint, unroll=unroll
         )
 
+    # 8 RK4 steps of h = 1/8 on a decay rate of 0.35: values within 1e-7, gradients 2e-7; 8 steps
+    # keep the unrolled checkpointed:1 program (36 recomputed steps) quick to compile.
     for n in (1, 2):
-        np.testing.assert_allclose(solve(w, n), exact, rtol=1e-8)
+        np.testing.assert_allclose(solve(w, n), exact, rtol=1e-7)
     grad = jax.grad(lambda w: jnp.sum(solve(w, 2)))(w)
-    rtol = 1e-8 if adjoint != "backsolve" else 1e-6
+    rtol = 1e-6  # the derivative of the 8-step map differs from d/dw exp(-0.5 w) by ~1.5e-7
     np.testing.assert_allclose(grad, jnp.sum(-0.5 * exact), rtol=rtol)
