@@ -94,6 +94,9 @@ def kernel_env(python: pathlib.Path, wheel: pathlib.Path) -> dict[str, str]:
             "ANODE_JAX_SOURCE": wheel.as_uri(),
             "PIP_NO_INDEX": "1",
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            # Stored outputs must be reproducible: the convolutions' fixed formulation rule,
+            # not a choice by this machine's timings (which changes the float rounding).
+            "ANODE_JAX_AUTOTUNE": "off",
             "PATH": f"{python.parent}{os.pathsep}{env.get('PATH', '')}",
         }
     )

@@ -306,6 +306,16 @@ def test_usable_workdirs_pass(tmp_path):
     (run / "config.json").write_text("{}")
     (run / "trainer.lock").write_text("")
     check_workdir(str(run))
+    # A multi-process run leaves one lock file per process, before and after checkpoints.
+    multi = tmp_path / "multi_process"
+    multi.mkdir()
+    for i in range(2):
+        (multi / f"trainer.lock.process-{i}").write_text("")
+    check_workdir(str(multi))
+    (multi / "checkpoints").mkdir()
+    (multi / "summary.json").write_text("{}")
+    (multi / "checkpoints" / "12").mkdir()
+    check_workdir(str(multi))
 
 
 # ------------------------------------------------------------------ kind: malformed CIFAR data

@@ -1,7 +1,8 @@
 """The workdir check, before anything is written: a run never overwrites a user's files.
 
 The trainer writes `config.json`, `metrics.jsonl`, `summary.json`, `eval.json`, the
-plots, TensorBoard event files, `trainer.lock` and `checkpoints/` into its workdir, and on
+plots, TensorBoard event files, `trainer.lock` (`trainer.lock.process-<i>` in a
+multi-process run) and `checkpoints/` into its workdir, and on
 a resume truncates `metrics.jsonl` and the event files to the restored step. So it only
 starts in a workdir that is new, empty, or holds a run of this trainer that it can resume
 (a `checkpoints/` folder). Everything else is refused with one line, and nothing in it is
@@ -35,6 +36,7 @@ RUN_FILES = (
     "loss.png",
     "accuracy.png",
     "trainer.lock",
+    "trainer.lock.process-*",
     "checkpoints",
     DAMAGED_DIRNAME,
     "events.out.tfevents.*",
@@ -81,7 +83,11 @@ def check_workdir(workdir: str) -> None:
         )
     # The trainer creates checkpoints/ before it writes any other file (trainer.lock aside):
     # without it, these files are not a run to resume but results a new run would replace.
-    files = [name for name in entries if name not in ("trainer.lock", "checkpoints")]
+    files = [
+        name
+        for name in entries
+        if name != "checkpoints" and not fnmatch.fnmatchcase(name, "trainer.lock*")
+    ]
     if files and not _has_checkpoints(path, finished="summary.json" in entries):
         raise WorkdirError(
             f"--workdir={workdir} holds {', '.join(files)} but no checkpoint to resume from, "
