@@ -3,16 +3,29 @@
 import jax
 import jax.numpy as jnp
 
+from anode_jax.nn import conv_general_dilated
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
 
 def conv(z, w):
-    return jax.lax.conv_general_dilated(
-        z, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    # The loop-safe convolution: the solves loop (compile time flat in the number of steps);
+    # plain_conv_relu_field keeps jax.lax's for the tests of the unrolling rule.
+    return conv_general_dilated(z, w, (1, 1), "SAME", dimension_numbers=_DIMS)
 
 
 def conv_relu_field(t, z, theta):
     """The ANODE paper's vector field without normalization: ReLU(conv(ReLU(conv(z))))."""
     return jax.nn.relu(conv(jax.nn.relu(conv(z, theta["w1"])), theta["w2"]))
+
+
+def plain_conv_relu_field(t, z, theta):
+    """`conv_relu_field` with `jax.lax.conv_general_dilated` (which odeint unrolls on CPU)."""
+
+    def plain(z, w):
+        return jax.lax.conv_general_dilated(z, w, (1, 1), "SAME", dimension_numbers=_DIMS)
+
+    return jax.nn.relu(plain(jax.nn.relu(plain(z, theta["w1"])), theta["w2"]))
 
 
 def conv_relu_problem(key, dtype=jnp.float64, batch=2, size=5, channels=3, scale=0.6):

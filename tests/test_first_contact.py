@@ -60,8 +60,8 @@ def _loss(adjoint, solver, num_steps, unroll):
 
 @pytest.mark.parametrize(
     "num_steps,unroll",
-    [(1, False), (7, False), (7, True)],
-    ids=["1-looped", "7-looped", "7-unrolled"],
+    [(1, False), (7, False), (3, True)],  # unrolled programs grow with the steps: 3 suffice
+    ids=["1-looped", "7-looped", "3-unrolled"],
 )
 @pytest.mark.parametrize("case", EXACT, ids=_ids)
 def test_grad_of_grad_equals_direct(x64, case, num_steps, unroll):

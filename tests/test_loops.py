@@ -11,9 +11,9 @@ from anode_jax import Anode, Checkpointed, Direct, odeint
 from anode_jax.ode import DEFAULT_MAX_UNROLL, resolve_unroll, uses_plain_convolutions
 from anode_jax.ode.adjoints.checkpointed import revolve_schedule
 from tests._ode_problems import (
-    conv,
     conv_relu_field,
     conv_relu_problem,
+    plain_conv_relu_field,
     smooth_field,
     smooth_problem,
 )
@@ -130,15 +130,21 @@ def test_looped_exact_strategies_match_direct_above_old_unroll_threshold(x64, nu
 # The default loop policy.
 
 
+def _plain_conv(z, w):
+    return lax.conv_general_dilated(
+        z, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
 @jax.custom_vjp
 def _owned_conv(z, w):
     """A convolution with a user-written VJP (as anode_jax.nn's loop-safe conv has)."""
-    return conv(z, w)
+    return _plain_conv(z, w)
 
 
 _owned_conv.defvjp(
-    lambda z, w: (conv(z, w), (z, w)),
-    lambda res, ct: jax.vjp(conv, *res)[1](ct),
+    lambda z, w: (_plain_conv(z, w), (z, w)),
+    lambda res, ct: jax.vjp(_plain_conv, *res)[1](ct),
 )
 
 
@@ -148,14 +154,16 @@ def _owned_field(t, z, theta):
 
 def _nested_plain_field(t, z, theta):
     # A plain convolution hidden inside jit and a cond still counts.
-    inner = jax.jit(lambda z: lax.cond(t > 2.0, lambda: z, lambda: conv_relu_field(t, z, theta)))
+    inner = jax.jit(
+        lambda z: lax.cond(t > 2.0, lambda: z, lambda: plain_conv_relu_field(t, z, theta))
+    )
     return inner(z)
 
 
 def test_plain_convolutions_are_detected_through_nested_calls():
     z0, theta = conv_relu_problem(jax.random.PRNGKey(0), dtype=jnp.float32)
     t = jnp.zeros((), jnp.float32)
-    assert uses_plain_convolutions(conv_relu_field, t, z0, theta)
+    assert uses_plain_convolutions(plain_conv_relu_field, t, z0, theta)
     assert uses_plain_convolutions(_nested_plain_field, t, z0, theta)
     assert not uses_plain_convolutions(_owned_field, t, z0, theta)
     y0, args = smooth_problem(jax.random.PRNGKey(0), dtype=jnp.float32)
@@ -172,12 +180,12 @@ def test_default_policy_loops_unless_plain_convolutions_on_cpu():
         assert resolve_unroll(None, 4, _owned_field, t, z0, theta) is False
     with pytest.warns(UserWarning, match="anode_jax.nn.conv_general_dilated"):
         # Warned once per vector field; a fresh function object keeps the test independent.
-        fresh_field = lambda t, z, th: conv_relu_field(t, z, th)
+        fresh_field = lambda t, z, th: plain_conv_relu_field(t, z, th)
         assert resolve_unroll(None, 4, fresh_field, t, z0, theta) is True
     # Unrolled at every Nt, as before loops were the default: not slower than it was.
-    assert resolve_unroll(None, 4 * DEFAULT_MAX_UNROLL, conv_relu_field, t, z0, theta) is True
+    assert resolve_unroll(None, 4 * DEFAULT_MAX_UNROLL, plain_conv_relu_field, t, z0, theta) is True
     # Explicit choices are taken as given.
     assert resolve_unroll(True, 100, _owned_field, t, z0, theta) is True
-    assert resolve_unroll(False, 2, conv_relu_field, t, z0, theta) is False
+    assert resolve_unroll(False, 2, plain_conv_relu_field, t, z0, theta) is False
     assert resolve_unroll(8, 8, _owned_field, t, z0, theta) is True
-    assert resolve_unroll(8, 9, conv_relu_field, t, z0, theta) is False
+    assert resolve_unroll(8, 9, plain_conv_relu_field, t, z0, theta) is False
