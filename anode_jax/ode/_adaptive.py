@@ -16,8 +16,9 @@ t_n. (diffrax does the same: its controller stops gradients through the error es
 - `forward_differentiable`: the same attempts in a `lax.scan` of `max_steps` iterations
   (finished iterations skip their work in a `lax.cond`), reverse-mode differentiable: the
   "direct" strategy.
-- `reverse_replay`: backpropagates through exactly the recorded accepted steps, recomputing
-  states from stored checkpoints (no rejected step is recomputed).
+- `reverse_replay` ("anode") and `reverse_revolve` ("checkpointed:K"): backpropagate through
+  exactly the recorded accepted steps, recomputing states from stored checkpoints (no
+  rejected step is recomputed).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Record(NamedTuple):
     num_fevals: jax.Array  # int32
     t_final: jax.Array  # the time reached (t1 unless max_steps was hit)
     failed: jax.Array  # bool: max_steps attempts without reaching t1
-    nonfinite: jax.Array  # bool: the last error estimate was NaN/inf
+    nonfinite: jax.Array  # int32: trial steps whose error estimate was NaN/inf
 
 
 class _Carry(NamedTuple):
@@ -126,7 +127,7 @@ def _init(vector_field, y0, args, spec: AdaptiveSpec) -> _Carry:
         rejected=jnp.zeros((), jnp.int32),
         fevals=jnp.asarray(fevals, jnp.int32),
         done=jnp.zeros((), bool),
-        nonfinite=jnp.zeros((), bool),
+        nonfinite=jnp.zeros((), jnp.int32),
     )
 
 
@@ -184,7 +185,7 @@ def _attempt(vector_field, args, spec: AdaptiveSpec, c: _Carry) -> _Carry:
         rejected=c.rejected + (~accept).astype(jnp.int32),
         fevals=fevals,
         done=accept & last,
-        nonfinite=~finite,
+        nonfinite=c.nonfinite + (~finite).astype(jnp.int32),
     )
 
 
@@ -218,9 +219,11 @@ def _raise_if_failed(failed, t, accepted, rejected, nonfinite, max_steps, t1):
         return
     i = np.flatnonzero(failed.reshape(-1))[0]  # the first failing sample under vmap
     pick = lambda x: np.asarray(x).reshape(-1)[i] if np.ndim(x) else np.asarray(x)
+    bad = int(pick(nonfinite))
     cause = (
-        "; the last error estimate was NaN/inf (the vector field produced non-finite values)"
-        if pick(nonfinite)
+        f"; {bad} error estimates were NaN/inf (the vector field produced non-finite values "
+        "there; those steps were rejected)"
+        if bad
         else ""
     )
     raise MaxStepsError(
@@ -289,9 +292,8 @@ def reverse_replay(solver, vector_field, args, y0, record: Record, ct_y1, top_sl
     Two levels, with n known only at run time: a first recomputation stores the state at
     every m-th step in `top_slots` checkpoints (m = ⌈n / top_slots⌉, so m = 1 when n fits);
     then, last segment first, each segment of m steps is recomputed from its checkpoint into
-    `seg_slots` states (requires seg_slots >= m) and backpropagated step by step. With
-    seg_slots = 0 each step's input is recomputed from its segment's checkpoint instead
-    (≤ top_slots states in all, about n·m/2 extra steps).
+    `seg_slots` states (requires seg_slots >= m: `anode_slots` guarantees it for n <=
+    max_steps) and backpropagated step by step ("anode").
     """
     n = record.num_accepted
     ts, hs = record.ts, record.hs
@@ -339,29 +341,122 @@ def reverse_replay(solver, vector_field, args, y0, record: Record, ct_y1, top_sl
         start = j * m
         end = jnp.minimum(n, start + m)
         y_start = read(top, j)
-        if seg_slots:
 
-            def fill(i, carry):
-                y, seg = carry
-                y = step(i, y)
-                return y, write(seg, i + 1 - start, y)
+        def fill(i, carry):
+            y, seg = carry
+            y = step(i, y)
+            return y, write(seg, i + 1 - start, y)
 
-            seg = write(buffer(seg_slots), 0, y_start)
-            _, seg = lax.fori_loop(start, end - 1, fill, (y_start, seg))
+        seg = write(buffer(seg_slots), 0, y_start)
+        _, seg = lax.fori_loop(start, end - 1, fill, (y_start, seg))
 
-            def back(k, carry):
-                ct, ct_args = carry
-                i = end - 1 - k
-                return step_vjp(i, read(seg, i - start), ct, ct_args)
-
-        else:
-
-            def back(k, carry):
-                ct, ct_args = carry
-                i = end - 1 - k
-                y = lax.fori_loop(start, i, step, y_start)
-                return step_vjp(i, y, ct, ct_args)
+        def back(k, carry):
+            ct, ct_args = carry
+            i = end - 1 - k
+            return step_vjp(i, read(seg, i - start), ct, ct_args)
 
         return lax.fori_loop(0, end - start, back, (ct, ct_args))
 
     return lax.fori_loop(0, num_segments, segment, (ct, ct_args))
+
+
+def _binomial_columns(num_checkpoints: int, max_steps: int) -> np.ndarray:
+    """beta[c, r] = C(c + r, c) for c = 0..K and r = 0..R, R the least r with
+    beta[K, R] >= max_steps (Griewank's table; int64, saturated at 2^62)."""
+    k = max(num_checkpoints, 1)
+    rows = [[1] for _ in range(k + 1)]
+    while rows[k][-1] < max_steps:
+        r = len(rows[0])
+        rows[0].append(1)
+        for c in range(1, k + 1):
+            rows[c].append(min(rows[c][r - 1] + rows[c - 1][r], 2**62))
+    for row in rows:  # one spare column keeps every lookup in range
+        row.append(row[-1])
+    return np.asarray(rows, np.int64)
+
+
+def reverse_revolve(
+    solver, vector_field, args, y0, record: Record, ct_y1, num_checkpoints: int, count=False
+):
+    """(ct_y0, ct_args[, recomputed steps]): ct_y1 backpropagated through the n recorded
+    accepted steps with at most `num_checkpoints` states alive (slot 0 holds y0), by Griewank's
+    binomial (revolve) splitting planned *online*: n is known only at run time, so the
+    schedule is not a precomputed list but a `lax.while_loop` over a stack of segments.
+
+    Reversing segment [s, e) whose first state sits in slot d with f = K − 1 − d free slots:
+    with f = 0 (or one step left) the last step's input is recomputed from slot d and
+    backpropagated, and the segment shrinks to [s, e − 1); otherwise the state at s + m is
+    computed into slot d + 1, [s + m, e) is reversed with f − 1 free slots (pushed), then
+    [s, s + m) with f (the split m in closed form from the binomial table, as
+    `adjoints.checkpointed.revolve_schedule`: the same recomputations, the fewest possible,
+    `revolve_cost(n, K)`). The binomial table's size depends on K and log max_steps only.
+    """
+    k = num_checkpoints
+    n = record.num_accepted
+    ts, hs = record.ts, record.hs
+    table = _binomial_columns(k, ts.shape[0])
+    table = jnp.asarray(np.minimum(table, np.iinfo(np.int32).max).astype(np.int32))
+    ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
+    y0, ct, ct_args = _loop.tree_barrier(y0, ct_y1, ct_args)
+
+    def step(i, y):
+        return solver.step(vector_field, ts[i], hs[i], y, args)
+
+    slots = jax.tree.map(lambda leaf: jnp.zeros((k, *leaf.shape), leaf.dtype), y0)
+    slots = jax.tree.map(lambda b, leaf: b.at[0].set(leaf), slots, y0)
+    starts = jnp.zeros((k,), jnp.int32)
+    ends = jnp.zeros((k,), jnp.int32).at[0].set(n)
+
+    def split(t, free):
+        # The binomial split of `_segment` in adjoints/checkpointed.py with c = free + 1.
+        c = free + 1
+        row = table[c]
+        reps = jnp.searchsorted(row, t, side="left").astype(jnp.int32)
+        low = jnp.where(reps >= 2, row[jnp.maximum(reps - 2, 0)], 0)
+        m = jnp.maximum(jnp.maximum(1, low), t - table[c - 1][reps])
+        return jnp.where(free >= t - 1, 1, m)
+
+    def cond(carry):
+        return carry[0] >= 0
+
+    def body(carry):
+        d, starts, ends, slots, ct, ct_args, recomputed = carry
+        s, e = starts[d], ends[d]
+        t = e - s
+        free = k - 1 - d
+        y_s = jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, d, keepdims=False), slots)
+
+        def pop(ops):
+            starts, ends, slots, ct, ct_args = ops
+            return d - 1, starts, ends, slots, ct, ct_args, recomputed
+
+        def backpropagate(ops):
+            starts, ends, slots, ct, ct_args = ops
+            y = lax.fori_loop(s, e - 1, step, y_s)
+            _, vjp = jax.vjp(
+                lambda y_, a_: solver.step(vector_field, ts[e - 1], hs[e - 1], y_, a_), y, args
+            )
+            ct_y, ct_a = vjp(ct)
+            ct_args = jax.tree.map(
+                lambda x, z: z if x.dtype == jax.dtypes.float0 else x + z, ct_args, ct_a
+            )
+            return d, starts, ends.at[d].set(e - 1), slots, ct_y, ct_args, recomputed + t - 1
+
+        def push(ops):
+            starts, ends, slots, ct, ct_args = ops
+            m = split(t, free)
+            y = lax.fori_loop(s, s + m, step, y_s)
+            slots = jax.tree.map(
+                lambda b, leaf: lax.dynamic_update_index_in_dim(b, leaf, d + 1, 0), slots, y
+            )
+            starts = starts.at[d + 1].set(s + m)
+            ends = ends.at[d + 1].set(e).at[d].set(s + m)
+            return d + 1, starts, ends, slots, ct, ct_args, recomputed + m
+
+        branch = jnp.where(t == 0, 0, jnp.where((free == 0) | (t == 1), 1, 2))
+        return lax.switch(branch, (pop, backpropagate, push), (starts, ends, slots, ct, ct_args))
+
+    zero = jnp.zeros((), jnp.int32)
+    carry = (zero, starts, ends, slots, ct, ct_args, zero)
+    *_, ct, ct_args, recomputed = lax.while_loop(cond, body, carry)
+    return (ct, ct_args, recomputed) if count else (ct, ct_args)

@@ -312,8 +312,8 @@ def _checkpointed_adaptive_fwd(vector_field, y0, args, spec, num_checkpoints):
 
 def _checkpointed_adaptive_bwd(vector_field, spec, num_checkpoints, residuals, cts):
     y0, args, record = residuals
-    return _adaptive.reverse_replay(
-        spec.solver, vector_field, args, y0, record, cts[0], num_checkpoints, 0
+    return _adaptive.reverse_revolve(
+        spec.solver, vector_field, args, y0, record, cts[0], num_checkpoints
     )
 
 
@@ -333,13 +333,11 @@ class Checkpointed(AbstractAdjoint):
     With k >= Nt every state is recomputed once (one extra forward plus one extra step per
     step); with k = 1 recomputation is quadratic in Nt.
 
-    Adaptive solves (embedded solvers): the number n of accepted steps is known only at run
-    time, so the binomial schedule (planned in Python for a static Nt) is not used. The
-    forward records the accepted (t_n, h_n); the backward recomputes them once storing every
-    m-th state (m = ⌈n/k⌉) in the k slots, then reverses each segment recomputing each step's
-    input from the segment's checkpoint: at most k states whatever n and max_steps, about
-    n + n·(m − 1)/2 recomputed steps (n ≤ k: one extra forward pass; the cost depends on n,
-    not on max_steps).
+    Adaptive solves (embedded solvers): the forward records the accepted (t_n, h_n); the
+    backward reverses exactly those n steps with the same binomial splitting, planned online
+    because n is known only at run time (`_adaptive.reverse_revolve`: a `lax.while_loop` over
+    a stack of at most k segments): at most k states whatever n and max_steps, and the
+    fewest recomputations, `revolve_cost(n, k)` — the cost depends on n, not on max_steps.
     """
 
     num_checkpoints: int = 4
