@@ -253,10 +253,11 @@ def test_exact_strategies_equal_direct_conv_relu(x64):
     tree_allclose(actual, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_direct_matches_finite_differences(x64):
+def test_finite_differences_and_backsolve(x64):
     """Central differences of the adaptive solve itself, at tolerances where the accepted
     step sequence is locally constant (same counts at ±eps; the step sizes' own dependence
-    on the input is of the tolerance's order)."""
+    on the input is of the tolerance's order); "backsolve" (its own backward steps) is close
+    to the exact gradient at these tolerances, not equal."""
     y0, p = mlp_problem(jax.random.PRNGKey(6), dim=3, hidden=5)
     kw = dict(t0=0.0, t1=1.0, rtol=1e-10, atol=1e-12)
     loss = _loss(mlp_field, adjoint="anode", **kw)
@@ -270,14 +271,12 @@ def test_direct_matches_finite_differences(x64):
     assert counts[0] == counts[1]
     fd = (loss(y0 + eps * direction, p) - loss(y0 - eps * direction, p)) / (2 * eps)
     np.testing.assert_allclose(float(jnp.vdot(g, direction)), float(fd), rtol=1e-7)
-
-
-def test_backsolve_is_close_not_exact(x64):
-    y0, p = mlp_problem(jax.random.PRNGKey(8))
-    kw = dict(t0=0.0, t1=0.5, rtol=1e-8, atol=1e-10)
-    exact = jax.grad(_loss(mlp_field, adjoint="anode", **kw), 1)(y0, p)
-    approx = jax.grad(_loss(mlp_field, adjoint="backsolve", **kw), 1)(y0, p)
-    tree_allclose(approx, exact, rtol=1e-5, atol=1e-7)
+    approx = jax.grad(_loss(mlp_field, adjoint="backsolve", **kw), (0, 1))(y0, p)
+    exact = jax.grad(loss, (0, 1))(y0, p)
+    tree_allclose(approx, exact, rtol=1e-6, atol=1e-8)
+    assert not all(
+        bool(jnp.all(a == e)) for a, e in zip(jax.tree.leaves(approx), jax.tree.leaves(exact))
+    )
 
 
 def test_times_and_vmap_with_adaptive_solver(x64):

@@ -364,6 +364,8 @@ def _binomial_columns(num_checkpoints: int, max_steps: int) -> np.ndarray:
     """beta[c, r] = C(c + r, c) for c = 0..K and r = 0..R, R the least r with
     beta[K, R] >= max_steps (Griewank's table; int64, saturated at 2^62)."""
     k = max(num_checkpoints, 1)
+    if k == 1:  # no free slot ever: the split is never taken
+        return np.ones((2, 2), np.int64)
     rows = [[1] for _ in range(k + 1)]
     while rows[k][-1] < max_steps:
         r = len(rows[0])
