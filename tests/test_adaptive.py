@@ -23,7 +23,7 @@ from anode_jax.ode import (
     PIDController,
     get_solver,
 )
-from anode_jax.ode._adaptive import anode_slots
+from anode_jax.ode.adaptive import anode_slots
 from tests._ode_problems import smooth_field, smooth_problem
 from tests.conftest import tree_allclose
 
@@ -375,7 +375,7 @@ def test_controller_validation():
 def test_online_revolve_recomputes_the_fewest_steps(k, x64):
     """ "checkpointed:K" plans Griewank's binomial splitting at run time for the n accepted
     steps: it recomputes exactly as many steps as the offline schedule for Nt = n."""
-    from anode_jax.ode._adaptive import AdaptiveSpec, forward_record, reverse_revolve
+    from anode_jax.ode.adaptive import AdaptiveSpec, forward_record, reverse_revolve
     from anode_jax.ode.adjoints.checkpointed import revolve_schedule
 
     f = lambda t, y, a: -a * y + jnp.sin(3 * t)

@@ -4,11 +4,11 @@ gradient strategies (`adjoints/`).
 Imports no Flax.
 """
 
-from anode_jax.ode._adaptive import MaxStepsError
 from anode_jax.ode._loop import DEFAULT_MAX_UNROLL
 from anode_jax.ode._odeint import odeint
 from anode_jax.ode._policy import resolve_unroll, uses_plain_convolutions
 from anode_jax.ode._stages import knot_weights, stage_times
+from anode_jax.ode.adaptive import MaxStepsError
 from anode_jax.ode.adjoints import (
     ADJOINTS,
     AbstractAdjoint,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anode_jax._typing import PyTree, VectorField
-from anode_jax.ode import _adaptive, _loop, _policy, _times
+from anode_jax.ode import _loop, _policy, _times, adaptive
 from anode_jax.ode.adjoints import AbstractAdjoint, SolveSpec, get_adjoint
 from anode_jax.ode.solvers import (
     AbstractSolver,
@@ -253,7 +253,7 @@ def _odeint_adaptive(
     _check_state(y0)
     for name, tol in (("rtol", controller.rtol), ("atol", controller.atol)):
         tol.per_leaf(name, y0)  # a pytree tolerance must have y's structure
-    spec = _adaptive.AdaptiveSpec(solver, controller, t0, t1, int(max_steps), throw)
+    spec = adaptive.AdaptiveSpec(solver, controller, t0, t1, int(max_steps), throw)
     config = _AdaptiveConfig(strategy, spec, return_stats)
     dynamic, static = _partition_args(args)
     try:
@@ -278,7 +278,7 @@ class _AdaptiveConfig:
     """The static configuration of one adaptive solve (hashable: a cache key)."""
 
     strategy: AbstractAdjoint
-    spec: _adaptive.AdaptiveSpec
+    spec: adaptive.AdaptiveSpec
     return_stats: bool
 
 
@@ -418,7 +418,7 @@ def _solve_adaptive(vector_field, y0, args, config: _AdaptiveConfig, t_example) 
             vector_field, args = _WithConsts(closed_field), (args, tuple(consts))
     y1, record = strategy.solve_adaptive(vector_field, y0, args, config.spec)
     if config.return_stats:
-        return y1, _adaptive.stats(record)
+        return y1, adaptive.stats(record)
     return y1
 
 

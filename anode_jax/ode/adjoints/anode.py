@@ -7,7 +7,7 @@ import functools
 
 import jax
 
-from anode_jax.ode import _adaptive, _loop
+from anode_jax.ode import _loop, adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
 from anode_jax.ode.adjoints.checkpointed import reverse_solve
 
@@ -46,18 +46,18 @@ _anode_solve.defvjp(_anode_fwd, _anode_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _anode_adaptive(vector_field, y0, args, spec):
-    return _adaptive.forward_record(vector_field, y0, args, spec)
+    return adaptive.forward_record(vector_field, y0, args, spec)
 
 
 def _anode_adaptive_fwd(vector_field, y0, args, spec):
-    y1, record = _adaptive.forward_record(vector_field, y0, args, spec)
+    y1, record = adaptive.forward_record(vector_field, y0, args, spec)
     return (y1, record), (y0, args, record)
 
 
 def _anode_adaptive_bwd(vector_field, spec, residuals, cts):
     y0, args, record = residuals
-    top, seg = _adaptive.anode_slots(spec.max_steps)
-    return _adaptive.reverse_replay(spec.solver, vector_field, args, y0, record, cts[0], top, seg)
+    top, seg = adaptive.anode_slots(spec.max_steps)
+    return adaptive.reverse_replay(spec.solver, vector_field, args, y0, record, cts[0], top, seg)
 
 
 _anode_adaptive.defvjp(_anode_adaptive_fwd, _anode_adaptive_bwd)
@@ -84,7 +84,7 @@ class Anode(AbstractAdjoint):
     ⌈√max_steps⌉ slots (m = 1, every state, while n ≤ ⌈√max_steps⌉), then each segment of m
     steps is recomputed into ⌈max_steps/⌈√max_steps⌉⌉ slots and reversed step by step. Memory:
     about 2√max_steps states whatever n; compute: one extra forward pass when n ≤ √max_steps,
-    two above (`_adaptive.reverse_replay`).
+    two above (`adaptive.reverse_replay`).
     """
 
     name = "anode"

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from anode_jax.ode import _adaptive, _loop
+from anode_jax.ode import _loop, adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, SolveSpec, forward
 
 
@@ -81,11 +81,11 @@ def _adjoint_field(vector_field, rebuild_args):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _backsolve_adaptive(vector_field, y0, args, spec):
-    return _adaptive.forward_record(vector_field, y0, args, spec)
+    return adaptive.forward_record(vector_field, y0, args, spec)
 
 
 def _backsolve_adaptive_fwd(vector_field, y0, args, spec):
-    y1, record = _adaptive.forward_record(vector_field, y0, args, spec)
+    y1, record = adaptive.forward_record(vector_field, y0, args, spec)
     return (y1, record), (y1, args)
 
 
@@ -96,7 +96,7 @@ def _backsolve_adaptive_bwd(vector_field, spec, residuals, cts):
     # The adjoint system is solved adaptively from t1 back to t0 with the forward's
     # controller (tolerances over the whole augmented state, as torchdiffeq's default norm).
     field = _adjoint_field(vector_field, rebuild_args)
-    (_, a0, g0), _ = _adaptive.forward_record(field, (y1, ct_y1, g1), args_inexact, spec.reversed())
+    (_, a0, g0), _ = adaptive.forward_record(field, (y1, ct_y1, g1), args_inexact, spec.reversed())
     return a0, rebuild_ct(g0)
 
 

@@ -68,7 +68,7 @@ class AbstractAdjoint(abc.ABC):
         del solver
 
     def solve_adaptive(self, vector_field: VectorField, y0: PyTree, args: PyTree, spec):
-        """(y at t1, `_adaptive.Record`) of an adaptive solve (`spec` an `AdaptiveSpec`).
+        """(y at t1, `adaptive.Record`) of an adaptive solve (`spec` an `AdaptiveSpec`).
         Strategies without an adaptive form raise a ValueError naming the ones that have it."""
         del vector_field, y0, args, spec
         raise ValueError(

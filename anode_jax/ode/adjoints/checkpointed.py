@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from anode_jax.ode import _adaptive, _loop
+from anode_jax.ode import _loop, adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, SolveSpec, forward, tree_add
 
 
@@ -302,17 +302,17 @@ _checkpointed_solve.defvjp(_checkpointed_fwd, _checkpointed_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
 def _checkpointed_adaptive(vector_field, y0, args, spec, num_checkpoints):
-    return _adaptive.forward_record(vector_field, y0, args, spec)
+    return adaptive.forward_record(vector_field, y0, args, spec)
 
 
 def _checkpointed_adaptive_fwd(vector_field, y0, args, spec, num_checkpoints):
-    y1, record = _adaptive.forward_record(vector_field, y0, args, spec)
+    y1, record = adaptive.forward_record(vector_field, y0, args, spec)
     return (y1, record), (y0, args, record)
 
 
 def _checkpointed_adaptive_bwd(vector_field, spec, num_checkpoints, residuals, cts):
     y0, args, record = residuals
-    return _adaptive.reverse_revolve(
+    return adaptive.reverse_revolve(
         spec.solver, vector_field, args, y0, record, cts[0], num_checkpoints
     )
 
@@ -335,7 +335,7 @@ class Checkpointed(AbstractAdjoint):
 
     Adaptive solves (embedded solvers): the forward records the accepted (t_n, h_n); the
     backward reverses exactly those n steps with the same binomial splitting, planned online
-    because n is known only at run time (`_adaptive.reverse_revolve`: a `lax.while_loop` over
+    because n is known only at run time (`adaptive.reverse_revolve`: a `lax.while_loop` over
     a stack of at most k segments): at most k states whatever n and max_steps, and the
     fewest recomputations, `revolve_cost(n, k)` — the cost depends on n, not on max_steps.
     """

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import jax
 
-from anode_jax.ode import _adaptive
+from anode_jax.ode import adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
 
 
@@ -39,7 +39,7 @@ class Direct(AbstractAdjoint):
                 "Direct(remat_policy=...) applies to fixed-step solves; with an adaptive "
                 "solver use adjoint='anode' or 'checkpointed:K' to bound memory."
             )
-        return _adaptive.forward_differentiable(vector_field, y0, args, spec)
+        return adaptive.forward_differentiable(vector_field, y0, args, spec)
 
     def solve(self, vector_field, state0, args, spec):
         if self.remat_policy is None:
