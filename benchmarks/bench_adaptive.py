@@ -5,6 +5,7 @@
 
 Problems (float32, t ∈ [0, 1]):
 - `mlp`: state 256×64 (batch 256), field tanh(y W1 + b1 cos t) W2 (64 → 64 → 64);
+- `mlp_fast`: the same field times 40 (a 40× longer horizon: tens to hundreds of steps);
 - `conv`: state 8×16×16×16 (NHWC), field ReLU(conv(ReLU(conv(z)))) with 3×3 kernels through
   `anode_jax.nn.conv_general_dilated` (the ANODE paper's block without normalisation).
 
@@ -49,7 +50,7 @@ SKIP_CONV_BACKSOLVE = (
 
 
 def mlp_field(t, y, p):
-    return jnp.tanh(y @ p["w1"] + p["b1"] * jnp.cos(t)) @ p["w2"]
+    return p["speed"] * (jnp.tanh(y @ p["w1"] + p["b1"] * jnp.cos(t)) @ p["w2"])
 
 
 def conv_field(t, z, p):
@@ -61,11 +62,12 @@ def conv_field(t, z, p):
 
 def make_problem(name):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    if name == "mlp":
+    if name in ("mlp", "mlp_fast"):
         p = {
             "w1": jax.random.normal(k1, (64, 64)) / 8.0,
             "b1": 0.1 * jnp.ones(64),
             "w2": jax.random.normal(k2, (64, 64)) / 8.0,
+            "speed": jnp.asarray(1.0 if name == "mlp" else 40.0),
         }
         return mlp_field, jax.random.normal(k3, (256, 64)), p
     scale = 1.0 / (9 * 16) ** 0.5
@@ -224,7 +226,7 @@ def markdown(payload) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", nargs="+", default=["mlp", "conv"])
+    parser.add_argument("--problems", nargs="+", default=["mlp", "conv", "mlp_fast"])
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-3, 1e-5])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max_steps", type=int, nargs="+", default=[100, 1_000, 10_000, 100_000])
