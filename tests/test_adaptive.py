@@ -279,6 +279,19 @@ def test_finite_differences_and_backsolve(x64):
     )
 
 
+def test_direct_supports_grad_of_grad(x64):
+    """Reverse-over-reverse through "direct" (a scan of attempts) equals central differences
+    of its gradient (step sequence locally constant at rtol 1e-8)."""
+    field = lambda t, y, a: jnp.tanh(a * y)
+    loss = _loss(field, rtol=1e-8, atol=1e-10, max_steps=64)
+    y0, a = jnp.ones(3), jnp.asarray(0.7)
+    second = jax.grad(jax.grad(loss, 1), 1)(y0, a)
+    eps = 1e-4
+    grad = jax.jit(jax.grad(loss, 1))
+    fd = (grad(y0, a + eps) - grad(y0, a - eps)) / (2 * eps)
+    np.testing.assert_allclose(second, fd, rtol=1e-6)
+
+
 def test_times_and_vmap_with_adaptive_solver(x64):
     """`ts` and traced spans reuse the normalised solve; gradients with respect to t1 agree
     between strategies; vmap over per-sample spans equals a loop."""
