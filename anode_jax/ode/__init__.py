@@ -1,4 +1,5 @@
-"""The pure core: fixed-step ODE solvers (`solvers/`) and gradient strategies (`adjoints/`).
+"""The pure core: ODE solvers (`solvers/`: fixed-step and adaptive embedded pairs) and
+gradient strategies (`adjoints/`).
 
 Imports no Flax.
 """
@@ -7,6 +8,7 @@ from anode_jax.ode._loop import DEFAULT_MAX_UNROLL
 from anode_jax.ode._odeint import odeint
 from anode_jax.ode._policy import resolve_unroll, uses_plain_convolutions
 from anode_jax.ode._stages import knot_weights, stage_times
+from anode_jax.ode.adaptive import MaxStepsError
 from anode_jax.ode.adjoints import (
     ADJOINTS,
     AbstractAdjoint,
@@ -20,16 +22,23 @@ from anode_jax.ode.adjoints import (
 )
 from anode_jax.ode.solvers import (
     ALF,
+    BOSH3,
+    DOPRI5,
     EULER,
     HEUN,
+    HEUN_EULER,
     MIDPOINT,
     RK4,
     SOLVERS,
+    TSIT5,
     AbstractReversibleSolver,
     AbstractSolver,
     ButcherTableau,
+    EmbeddedTableau,
+    PIDController,
     Reversible,
     ReversibleHeun,
+    adaptive_solver_names,
     get_solver,
     make_step,
     reversible_solver_names,
@@ -39,6 +48,14 @@ from anode_jax.ode.solvers import (
 __all__ = [
     "ADJOINTS",
     "ALF",
+    "BOSH3",
+    "DOPRI5",
+    "EmbeddedTableau",
+    "HEUN_EULER",
+    "MaxStepsError",
+    "PIDController",
+    "TSIT5",
+    "adaptive_solver_names",
     "AbstractAdjoint",
     "AbstractReversibleSolver",
     "AbstractSolver",

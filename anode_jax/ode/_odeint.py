@@ -1,4 +1,5 @@
-"""`odeint`: integrate y' = f(t, y, args) from t0 to t1 with a fixed-step explicit solver."""
+"""`odeint`: integrate y' = f(t, y, args) from t0 to t1 with a fixed-step explicit solver or an
+adaptive embedded pair."""
 
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from anode_jax._typing import PyTree, VectorField
-from anode_jax.ode import _loop, _policy, _times
+from anode_jax.ode import _loop, _policy, _times, adaptive
 from anode_jax.ode.adjoints import AbstractAdjoint, SolveSpec, get_adjoint
-from anode_jax.ode.solvers import AbstractSolver, get_solver
+from anode_jax.ode.solvers import (
+    AbstractSolver,
+    EmbeddedTableau,
+    PIDController,
+    adaptive_solver_names,
+    get_solver,
+)
 
 
 def odeint(
@@ -28,10 +35,17 @@ def odeint(
     t0: float | jax.Array | None = None,
     t1: float | jax.Array | None = None,
     ts: jax.Array | None = None,
-    num_steps: int,
+    num_steps: int | None = None,
     solver: str | AbstractSolver = "rk4",
     adjoint: str | AbstractAdjoint = "anode",
     unroll: bool | int | None = None,
+    rtol: Any = None,
+    atol: Any = None,
+    max_steps: int | None = None,
+    dt0: float | None = None,
+    controller: PIDController | None = None,
+    return_stats: bool = False,
+    throw: bool = True,
 ) -> PyTree:
     """Solves y' = vector_field(t, y, args), y(t0) = y0; returns y(t1), or y at every entry of `ts`.
 
@@ -59,9 +73,12 @@ def odeint(
         [ts[i], ts[i+1]] takes `num_steps` steps, so steps land on every output time (as
         diffrax's `SaveAt(ts=ts)` with `StepTo` on that grid; torchdiffeq's fixed-grid
         solvers take one step per interval of its time vector by default, num_steps=1 here).
-      num_steps: Nt >= 1 fixed steps of size (t1 - t0) / Nt (per interval of `ts`).
+      num_steps: Nt >= 1 fixed steps of size (t1 - t0) / Nt (per interval of `ts`); required
+        by fixed-step solvers, refused by adaptive ones.
       solver: "euler", "midpoint" (RK2), "heun", "rk4", any explicit ButcherTableau, or
-        another AbstractSolver (see `anode_jax.ode.solvers`).
+        another AbstractSolver (see `anode_jax.ode.solvers`); or an embedded pair for adaptive
+        step sizes: "heun_euler", "bosh3", "dopri5", "tsit5" or an EmbeddedTableau (docs/core.md,
+        "Adaptive step sizes").
       adjoint: gradient strategy: "anode" (default: exact, O(L)+O(Nt) memory), "direct",
         "checkpointed:K" / Checkpointed(K) (exact, at most K states of a block), "reversible"
         (with a reversible solver) or "backsolve" (Neural ODE adjoint; approximate, baseline
@@ -76,7 +93,24 @@ def odeint(
         for vector fields with plain `lax.conv_general_dilated` on CPU, which unroll up to 16
         steps with a one-time warning (their gradient is slow in a loop there; use
         `anode_jax.nn.conv_general_dilated`). See docs/core.md, "Loop policy". The intervals of
-        `ts` always loop (compile time independent of n).
+        `ts` always loop (compile time independent of n). Fixed-step solvers only.
+      rtol, atol: adaptive solvers only: tolerances of the error control (numbers, or pytrees
+        like y with a number per leaf; default 1e-3 and 1e-6). The error norm is the RMS over
+        every element of err / (atol + rtol·max(|y_n|, |y_n+1|)), as diffrax and torchdiffeq.
+      max_steps: adaptive solvers only: the static bound on attempted steps (accepted plus
+        rejected; default 4096, as diffrax). Compile time does not depend on it; "direct"
+        memory grows with it, "anode" as √max_steps states, "checkpointed:K" not at all.
+      dt0: adaptive solvers only: the first step size (default: Hairer's heuristic).
+      controller: adaptive solvers only: a `PIDController` for every other setting (PID
+        coefficients, safety, factormin/factormax, dtmin/dtmax); then pass rtol/atol/dt0 in it.
+      return_stats: adaptive solvers only: return (y, stats) with stats a dict of int32/bool
+        arrays: "num_accepted_steps", "num_rejected_steps", "num_steps" (their sum),
+        "num_fevals" (vector-field evaluations of the forward solve), "max_steps_reached",
+        "t_final" (summed / any / last over the intervals of `ts`).
+      throw: adaptive solvers only: True (default) raises `MaxStepsError` at run time, naming
+        max_steps and the time reached, when max_steps attempts do not reach t1 (y would be
+        the state at that time, not at t1); False returns that y silently: use it with
+        return_stats=True and check stats["max_steps_reached"].
 
     Returns:
       y(t1), with y0's structure; with `ts`, y0's structure with a leading axis of length n on
@@ -88,7 +122,12 @@ def odeint(
       ValueError: `ts` not 1-D with n >= 2, not finite or not strictly monotone (concrete);
         static t1 == t0; plus the errors listed in docs/core.md, "Errors" (a bad argument is
         named in the message with the valid choices; a vector field whose output does not
-        match y).
+        match y); adaptive: num_steps or unroll with an embedded pair, rtol/atol/max_steps/
+        dt0/controller/return_stats/throw with a fixed-step solver, a missing num_steps with
+        a fixed-step solver, adjoint="reversible" with an embedded pair, bad tolerances.
+      MaxStepsError (a RuntimeError, at run time): an adaptive solve used max_steps attempts
+        before reaching t1 (unless throw=False). Under `jit` it surfaces where the result
+        is read (JAX wraps it in its runtime error with this message).
 
     Compilation: the solve is compiled once per vector-field object, static configuration,
     static `args` leaves and argument shapes/dtypes, and reused by later calls, also eager
@@ -96,10 +135,14 @@ def odeint(
     from Python objects are fixed at the first call; pass changing values in `args`). Flax
     modules: call submodules inside a solve through `anode_jax.models.odeint_linen`.
     """
+    adaptive_options = dict(
+        rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0, controller=controller,
+        return_stats=return_stats, throw=throw,
+    )  # fmt: skip
     if ts is not None or _times.is_traced(t0) or _times.is_traced(t1):
         return _times.odeint_times(
             odeint, vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps,
-            solver=solver, adjoint=adjoint, unroll=unroll,
+            solver=solver, adjoint=adjoint, unroll=unroll, **adaptive_options,
         )  # fmt: skip
     if not callable(vector_field):
         raise TypeError(
@@ -107,6 +150,12 @@ def odeint(
         )
     solver = get_solver(solver)
     strategy = get_adjoint(adjoint)
+    if isinstance(solver, EmbeddedTableau):
+        return _odeint_adaptive(
+            vector_field, y0, args, t0, t1, num_steps, solver, strategy, unroll,
+            **adaptive_options,
+        )  # fmt: skip
+    _check_fixed_step_options(solver, num_steps, adaptive_options)
     strategy.check_solver(solver)
     num_steps = _check_num_steps(num_steps)
     t0 = _check_time("t0", 0.0 if t0 is None else t0)
@@ -133,6 +182,105 @@ def odeint(
             'differentiated in forward mode (jax.jvp, jax.jacfwd, jax.linearize); use adjoint="direct" '
             "for forward mode (forward-over-reverse, e.g. jax.hessian, works with every adjoint)."
         ) from None
+
+
+_ADAPTIVE_DEFAULTS = dict(
+    rtol=None, atol=None, max_steps=None, dt0=None, controller=None, return_stats=False,
+    throw=True,
+)  # fmt: skip
+
+
+def _check_fixed_step_options(solver, num_steps, adaptive_options) -> None:
+    given = [k for k, v in adaptive_options.items() if v is not _ADAPTIVE_DEFAULTS[k]]
+    if given:
+        raise ValueError(
+            f"odeint: {', '.join(given)} apply to adaptive solvers only; solver "
+            f"{solver.name!r} takes fixed steps (num_steps). Use an adaptive solver "
+            f"({adaptive_solver_names()}) or drop {given[0]}."
+        )
+    if num_steps is None:
+        raise TypeError(
+            f"odeint: solver {solver.name!r} takes fixed steps and needs num_steps (an int >= 1); "
+            f"for adaptive step sizes pick one of {adaptive_solver_names()}."
+        )
+
+
+def _odeint_adaptive(
+    vector_field, y0, args, t0, t1, num_steps, solver, strategy, unroll, *, rtol, atol,
+    max_steps, dt0, controller, return_stats, throw,
+):  # fmt: skip
+    """odeint with an embedded pair: validation, then the cached adaptive solve."""
+    if num_steps is not None:
+        raise ValueError(
+            f"odeint: solver {solver.name!r} chooses its own steps and takes no num_steps; "
+            "set rtol/atol (and max_steps), or use a fixed-step solver such as 'rk4'."
+        )
+    if unroll is not None:
+        raise ValueError(
+            f"odeint: unroll applies to fixed-step solvers; the adaptive solver {solver.name!r} "
+            "always loops (compile time independent of max_steps)."
+        )
+    if getattr(strategy, "name", None) == "reversible":
+        raise ValueError(
+            "odeint: adjoint='reversible' has no adaptive form yet (no reversible embedded "
+            "pair); use 'anode', 'checkpointed:K', 'direct' or 'backsolve' with "
+            f"{solver.name!r}, or a reversible fixed-step solver."
+        )
+    if controller is None:
+        controller = PIDController(
+            rtol=1e-3 if rtol is None else rtol, atol=1e-6 if atol is None else atol, dt0=dt0
+        )
+    elif not isinstance(controller, PIDController):
+        raise TypeError(f"controller must be a PIDController, got {type(controller).__name__}.")
+    elif rtol is not None or atol is not None or dt0 is not None:
+        raise ValueError(
+            "odeint: pass rtol, atol and dt0 inside controller=PIDController(...), not both."
+        )
+    if max_steps is None:
+        max_steps = 4096
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
+        raise TypeError(
+            f"max_steps must be a Python int >= 1 (the static bound on attempted steps), got "
+            f"{max_steps!r} of type {type(max_steps).__name__}."
+        )
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+    if not isinstance(return_stats, bool) or not isinstance(throw, bool):
+        raise TypeError("return_stats and throw must be bools.")
+    t0 = _check_time("t0", 0.0 if t0 is None else t0)
+    t1 = _check_time("t1", 1.0 if t1 is None else t1)
+    if t1 == t0:
+        raise ValueError(f"t1 must differ from t0 (both are {t0}); nothing would be integrated.")
+    _check_state(y0)
+    for name, tol in (("rtol", controller.rtol), ("atol", controller.atol)):
+        tol.per_leaf(name, y0)  # a pytree tolerance must have y's structure
+    spec = adaptive.AdaptiveSpec(solver, controller, t0, t1, int(max_steps), throw)
+    config = _AdaptiveConfig(strategy, spec, return_stats)
+    dynamic, static = _partition_args(args)
+    try:
+        compiled = _cached_solve(vector_field, config, static)
+        if compiled is not None:
+            return compiled(y0, dynamic)
+        return _solve(vector_field, y0, dynamic, static, config)
+    except jax.errors.UnexpectedTracerError as err:
+        raise TypeError(_LEAK_MESSAGE) from err
+    except TypeError as err:
+        if _FORWARD_MODE_ERROR not in str(err):
+            raise
+        raise TypeError(
+            f"odeint: adjoint={strategy.name!r} defines a custom VJP and cannot be "
+            'differentiated in forward mode (jax.jvp, jax.jacfwd, jax.linearize); use adjoint="direct" '
+            "for forward mode (forward-over-reverse, e.g. jax.hessian, works with every adjoint)."
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _AdaptiveConfig:
+    """The static configuration of one adaptive solve (hashable: a cache key)."""
+
+    strategy: AbstractAdjoint
+    spec: adaptive.AdaptiveSpec
+    return_stats: bool
 
 
 _LEAK_MESSAGE = (
@@ -239,9 +387,11 @@ def _solve(vector_field, y0, dynamic, static: _StaticArgs, config: _Config) -> P
         args = dynamic
     else:
         args = static.merge(dynamic)
-    solver, strategy = config.solver, config.strategy
     t_example = jnp.zeros((), _loop.time_dtype())
     _check_output(vector_field, t_example, y0, args)
+    if isinstance(config, _AdaptiveConfig):
+        return _solve_adaptive(vector_field, y0, args, config, t_example)
+    solver, strategy = config.solver, config.strategy
     spec = SolveSpec(
         solver,
         config.t0,
@@ -259,6 +409,18 @@ def _solve(vector_field, y0, dynamic, static: _StaticArgs, config: _Config) -> P
     if consts:
         vector_field, args = _WithConsts(closed_field), (args, tuple(consts))
     return solver.output(strategy.solve(vector_field, state0, args, spec))
+
+
+def _solve_adaptive(vector_field, y0, args, config: _AdaptiveConfig, t_example) -> PyTree:
+    strategy = config.strategy
+    if strategy.needs_closure_conversion:
+        closed_field, consts = jax.closure_convert(vector_field, t_example, y0, args)
+        if consts:
+            vector_field, args = _WithConsts(closed_field), (args, tuple(consts))
+    y1, record = strategy.solve_adaptive(vector_field, y0, args, config.spec)
+    if config.return_stats:
+        return y1, adaptive.stats(record)
+    return y1
 
 
 class _WithConsts:

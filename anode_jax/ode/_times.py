@@ -121,6 +121,7 @@ def odeint_times(
     solver,
     adjoint,
     unroll,
+    **adaptive_options,
 ) -> PyTree:
     """`odeint` for traced `t0`/`t1` (returns y(t1)) or output times `ts` (returns y at every
     entry of `ts`, stacked on a new leading axis; entry 0 is y0). `solve` is `odeint` itself,
@@ -131,6 +132,20 @@ def odeint_times(
             f"vector_field must be callable f(t, y, args), got {type(vector_field).__name__}."
         )
     options = dict(num_steps=num_steps, solver=solver, adjoint=adjoint, unroll=unroll)
+    # Adaptive solvers: each interval is solved on [0, 1] by the normalised field, whose
+    # error estimates equal those on [a, b] (a step σ on g is the step (b − a)σ on f), so
+    # the controller accepts the same steps; it restarts (Hairer's initial step) at every
+    # output time. Step sizes given in units of t cannot be normalised here.
+    return_stats = adaptive_options.get("return_stats", False)
+    for name in ("dt0", "controller"):
+        if adaptive_options.get(name) is not None:
+            raise ValueError(
+                f"odeint: {name} (step sizes in units of t) is not supported with ts or traced "
+                "t0/t1; pass rtol/atol/max_steps only."
+            )
+    options.update(
+        {k: v for k, v in adaptive_options.items() if v is not None and k != "controller"}
+    )
     if ts is None:
         a = _scalar_time("t0", 0.0 if t0 is None else t0)
         b = _scalar_time("t1", 1.0 if t1 is None else t1)
@@ -143,8 +158,16 @@ def odeint_times(
     ts = check_ts(ts)
 
     def body(y, interval):
-        y_next = _interval(solve, vector_field, y, args, interval[0], interval[1], options)
-        return y_next, y_next
+        out = _interval(solve, vector_field, y, args, interval[0], interval[1], options)
+        y_next, stats = out if return_stats else (out, None)
+        return y_next, (y_next, stats)
 
-    _, ys = lax.scan(body, y0, (ts[:-1], ts[1:]))
-    return jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), y0, ys)
+    _, (ys, stats) = lax.scan(body, y0, (ts[:-1], ts[1:]))
+    ys = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), y0, ys)
+    if not return_stats:
+        return ys
+    # Per-interval statistics combined: counts summed, the flag any, the last time reached.
+    combined = {k: jnp.sum(v) for k, v in stats.items()}
+    combined["max_steps_reached"] = jnp.any(stats["max_steps_reached"])
+    combined["t_final"] = stats["t_final"][-1]
+    return ys, combined

@@ -7,7 +7,7 @@ import functools
 
 import jax
 
-from anode_jax.ode import _loop
+from anode_jax.ode import _loop, adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
 from anode_jax.ode.adjoints.checkpointed import reverse_solve
 
@@ -44,6 +44,25 @@ def _anode_bwd(vector_field, spec, residuals, ct_y1):
 _anode_solve.defvjp(_anode_fwd, _anode_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _anode_adaptive(vector_field, y0, args, spec):
+    return adaptive.forward_record(vector_field, y0, args, spec)
+
+
+def _anode_adaptive_fwd(vector_field, y0, args, spec):
+    y1, record = adaptive.forward_record(vector_field, y0, args, spec)
+    return (y1, record), (y0, args, record)
+
+
+def _anode_adaptive_bwd(vector_field, spec, residuals, cts):
+    y0, args, record = residuals
+    top, seg = adaptive.anode_slots(spec.max_steps)
+    return adaptive.reverse_replay(spec.solver, vector_field, args, y0, record, cts[0], top, seg)
+
+
+_anode_adaptive.defvjp(_anode_adaptive_fwd, _anode_adaptive_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Anode(AbstractAdjoint):
     """ANODE (Gholami, Keutzer & Biros 2019, arXiv:1902.10298, Sec. 3 and Alg. 1).
@@ -58,9 +77,20 @@ class Anode(AbstractAdjoint):
     inputs + Nt states + one step's internals (the paper's O(L) + O(Nt)); compute: about two
     extra forward passes. Unrolled: the recomputed block is differentiated as a whole (one
     extra forward pass, every step's internals of one block alive).
+
+    Adaptive solves (embedded solvers): the forward pass records the accepted (t_n, h_n)
+    (2·max_steps scalars) and keeps the block input; the backward pass replays exactly those
+    steps (no rejected step is recomputed): a recomputation stores every m-th state in
+    ⌈√max_steps⌉ slots (m = 1, every state, while n ≤ ⌈√max_steps⌉), then each segment of m
+    steps is recomputed into ⌈max_steps/⌈√max_steps⌉⌉ slots and reversed step by step. Memory:
+    about 2√max_steps states whatever n; compute: one extra forward pass when n ≤ √max_steps,
+    two above (`adaptive.reverse_replay`).
     """
 
     name = "anode"
+
+    def solve_adaptive(self, vector_field, y0, args, spec):
+        return _anode_adaptive(vector_field, y0, args, spec)
 
     def solve(self, vector_field, state0, args, spec):
         return _anode_solve(vector_field, state0, args, spec)

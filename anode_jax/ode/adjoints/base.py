@@ -67,6 +67,15 @@ class AbstractAdjoint(abc.ABC):
         """Raises a clear error if this strategy cannot differentiate `solver`."""
         del solver
 
+    def solve_adaptive(self, vector_field: VectorField, y0: PyTree, args: PyTree, spec):
+        """(y at t1, `adaptive.Record`) of an adaptive solve (`spec` an `AdaptiveSpec`).
+        Strategies without an adaptive form raise a ValueError naming the ones that have it."""
+        del vector_field, y0, args, spec
+        raise ValueError(
+            f"adjoint={self.name!r} is not available with adaptive step sizes (embedded "
+            "solvers); use 'direct', 'anode', 'checkpointed:K' or 'backsolve'."
+        )
+
 
 def forward(vector_field: VectorField, state0, args, spec: SolveSpec, *, unroll=None, step=None):
     """The solver state at t1: Nt steps from state0, unrolled or looped as `spec` says (or as

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from anode_jax.ode import _loop
+from anode_jax.ode import _loop, adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, SolveSpec, forward, tree_add
 
 
@@ -300,6 +300,26 @@ def _checkpointed_bwd(vector_field, spec, num_checkpoints, residuals, ct_y1):
 _checkpointed_solve.defvjp(_checkpointed_fwd, _checkpointed_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _checkpointed_adaptive(vector_field, y0, args, spec, num_checkpoints):
+    return adaptive.forward_record(vector_field, y0, args, spec)
+
+
+def _checkpointed_adaptive_fwd(vector_field, y0, args, spec, num_checkpoints):
+    y1, record = adaptive.forward_record(vector_field, y0, args, spec)
+    return (y1, record), (y0, args, record)
+
+
+def _checkpointed_adaptive_bwd(vector_field, spec, num_checkpoints, residuals, cts):
+    y0, args, record = residuals
+    return adaptive.reverse_revolve(
+        spec.solver, vector_field, args, y0, record, cts[0], num_checkpoints
+    )
+
+
+_checkpointed_adaptive.defvjp(_checkpointed_adaptive_fwd, _checkpointed_adaptive_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpointed(AbstractAdjoint):
     """ANODE with a checkpoint budget: at most `num_checkpoints` states of a block alive.
@@ -312,10 +332,19 @@ class Checkpointed(AbstractAdjoint):
 
     With k >= Nt every state is recomputed once (one extra forward plus one extra step per
     step); with k = 1 recomputation is quadratic in Nt.
+
+    Adaptive solves (embedded solvers): the forward records the accepted (t_n, h_n); the
+    backward reverses exactly those n steps with the same binomial splitting, planned online
+    because n is known only at run time (`adaptive.reverse_revolve`: a `lax.while_loop` over
+    a stack of at most k segments): at most k states whatever n and max_steps, and the
+    fewest recomputations, `revolve_cost(n, k)` — the cost depends on n, not on max_steps.
     """
 
     num_checkpoints: int = 4
     name = "checkpointed"
+
+    def solve_adaptive(self, vector_field, y0, args, spec):
+        return _checkpointed_adaptive(vector_field, y0, args, spec, self.num_checkpoints)
 
     def __post_init__(self):
         k = self.num_checkpoints

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import jax
 
+from anode_jax.ode import adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
 
 
@@ -28,6 +29,17 @@ class Direct(AbstractAdjoint):
     remat_policy: Callable | None = None
     name = "direct"
     needs_closure_conversion = False
+
+    def solve_adaptive(self, vector_field, y0, args, spec):
+        """Adaptive solves: reverse-mode through a `lax.scan` of `max_steps` attempts
+        (finished ones skip their work), step sizes held constant; memory O(max_steps) step
+        internals (diffrax's `DirectAdjoint` is the analogue)."""
+        if self.remat_policy is not None:
+            raise ValueError(
+                "Direct(remat_policy=...) applies to fixed-step solves; with an adaptive "
+                "solver use adjoint='anode' or 'checkpointed:K' to bound memory."
+            )
+        return adaptive.forward_differentiable(vector_field, y0, args, spec)
 
     def solve(self, vector_field, state0, args, spec):
         if self.remat_policy is None:
