@@ -64,6 +64,7 @@ def test_public_name_tuples():
         (dict(q="diffusion"), "q"),
         (dict(norm="layer"), "norm"),
         (dict(solver="rk45"), "solver"),
+        (dict(solver="tsit5"), "solver"),
         (dict(adjoint="adjoint"), "adjoint"),
         (dict(adjoint="checkpointed:0"), "adjoint"),
         (dict(num_steps=0), "num_steps"),

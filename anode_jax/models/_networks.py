@@ -18,7 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from anode_jax.ode import ADJOINTS, get_adjoint, get_solver, solver_names
+from anode_jax.ode import ADJOINTS, EmbeddedTableau, get_adjoint, get_solver, solver_names
 
 from ._blocks import CoupledODEBlock, ODEBlock, ResidualBlock
 from ._layers import (
@@ -337,12 +337,20 @@ def create_model(
     # The core parses solvers and gradient strategies; validate here so that a bad value
     # fails at construction, not at the first forward pass.
     try:
-        get_solver(solver)
+        parsed = get_solver(solver)
     except (TypeError, ValueError) as error:
         raise ValueError(
             f"solver must be one of {tuple(solver_names())}, a ButcherTableau or another "
             f"solver object of anode_jax.ode, got {solver!r}"
         ) from error
+    if isinstance(parsed, EmbeddedTableau):
+        # The blocks keep BatchNorm running statistics per solver time (Zhang et al. 2019,
+        # ANODEv2): fixed step times, which adaptive steps would change from batch to batch.
+        raise ValueError(
+            f"solver={solver!r} is adaptive; the networks' ODE blocks take fixed-step solvers "
+            f"(their BatchNorm statistics are kept per solver time): one of "
+            f"{tuple(solver_names())} or a ButcherTableau"
+        )
     try:
         get_adjoint(adjoint)
     except (TypeError, ValueError) as error:
