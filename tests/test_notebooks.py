@@ -37,6 +37,7 @@ EXPECTED = {
     "anodev2_kernels",
     "nnx_quickstart",
     "spiral_irregular_times",
+    "cnf_two_moons",
 }
 SOURCE_LINE = re.compile(
     r'^ANODE_JAX_SOURCE = os\.environ\.get\(\s*"ANODE_JAX_SOURCE", "([^"]+)"\)', re.M
