@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 from anode_jax import odeint
 from tests._ode_problems import conv_relu_field, conv_relu_problem, smooth_field, smooth_problem
 from tests.conftest import tree_allclose
+from tests.test_first_contact import _CompileCounter
 
 TS = (0.0, 0.3, 0.45, 1.0, 1.6)  # irregular
 # (solver, adjoint) pairs of every exact strategy; reversible needs a reversible solver.
@@ -224,6 +225,90 @@ def test_vmap_over_per_sample_spans_equals_a_loop(x64):
     for i, t1 in enumerate(t1s):
         tree_allclose(jax.tree.map(lambda x: x[i], batched), jax.value_and_grad(loss)(t1),
                       rtol=1e-12, atol=1e-14)  # fmt: skip
+
+
+# --- eager calls compile once ---------------------------------------------------------------
+
+# Every strategy with a fixed-step solver (looped and unrolled), and adaptive solvers.
+EAGER_FIXED = [
+    ("rk4", "direct"),
+    ("rk4", "anode"),
+    ("rk4", "checkpointed:1"),
+    ("rk4", "checkpointed:3"),
+    ("reversible:rk4", "reversible"),
+    ("rk4", "backsolve"),
+]
+EAGER_CASES = [
+    (solver, adjoint, unroll) for solver, adjoint in EAGER_FIXED for unroll in (False, True)
+]
+EAGER_CASES += [("dopri5", "anode", None), ("bosh3", "checkpointed:2", None)]
+
+
+@pytest.fixture
+def compilations():
+    counter = _CompileCounter()
+    yield counter
+    counter.close()
+
+
+def _decay(t, y, w):
+    return -jnp.tanh(w @ y) * (1.0 + 0.1 * jnp.sin(t))
+
+
+def _assert_compiles_once(compilations, what, calls):
+    """Runs the calls in order; from the second on, none may compile."""
+    outs = []
+    for i, call in enumerate(calls):
+        before = compilations.count
+        outs.append(call())
+        if i:
+            assert compilations.count == before, f"eager {what} call {i + 1} compiled"
+    return outs
+
+
+@pytest.mark.parametrize(
+    "solver,adjoint,unroll", EAGER_CASES, ids=lambda v: "default" if v is None else str(v)
+)
+def test_eager_ts_and_traced_span_calls_compile_once(compilations, solver, adjoint, unroll):
+    """Same field, shapes and configuration, new parameter and time values: the second and third
+    eager `ts=` calls, eager `jax.grad`s with respect to (w, ts), and eager `jax.grad`s with
+    respect to (w, t0, t1) (traced span) compile nothing; the times are data of the compiled
+    program (its results follow the new times and equal a jitted call's)."""
+    if solver in ("dopri5", "bosh3"):
+        kwargs = dict(solver=solver, adjoint=adjoint, rtol=1e-4, atol=1e-6)
+    else:
+        kwargs = dict(num_steps=2, solver=solver, adjoint=adjoint, unroll=unroll)
+    y0 = jnp.asarray([1.0, -0.5, 0.25])
+    ws = [jnp.eye(3) * s for s in (0.5, 0.6, 0.7)]
+    grids = [
+        jnp.asarray(g, jnp.float32) for g in ([0.0, 0.3, 1.0], [0.1, 0.5, 0.8], [0.0, 0.7, 1.4])
+    ]
+    spans = [(jnp.float32(a), jnp.float32(b)) for a, b in ((0.0, 1.0), (0.2, 0.9), (-0.3, 1.2))]
+
+    solve_ts = lambda w, ts: odeint(_decay, y0, w, ts=ts, **kwargs)
+    loss_ts = lambda w, ts: jnp.sum(jnp.sin(solve_ts(w, ts)))
+    loss_span = lambda w, t0, t1: jnp.sum(jnp.sin(odeint(_decay, y0, w, t0=t0, t1=t1, **kwargs)))
+    grad_ts = jax.grad(loss_ts, argnums=(0, 1))
+    grad_span = jax.grad(loss_span, argnums=(0, 1, 2))
+
+    outs = _assert_compiles_once(
+        compilations, "ts=", [lambda w=w, g=g: solve_ts(w, g) for w, g in zip(ws, grids)]
+    )
+    grads = _assert_compiles_once(
+        compilations, "jax.grad ts=", [lambda w=w, g=g: grad_ts(w, g) for w, g in zip(ws, grids)]
+    )
+    span_grads = _assert_compiles_once(
+        compilations,
+        "jax.grad traced-span",
+        [lambda w=w, s=s: grad_span(w, *s) for w, s in zip(ws, spans)],
+    )
+    # The cached programs compute with the new values: equal to jitted calls, and different
+    # from the first call's (the times were not baked in).
+    for i in (1, 2):
+        tree_allclose(outs[i], jax.jit(solve_ts)(ws[i], grids[i]), rtol=1e-6, atol=1e-7)
+        tree_allclose(grads[i], jax.jit(grad_ts)(ws[i], grids[i]), rtol=1e-5, atol=1e-6)
+        tree_allclose(span_grads[i], jax.jit(grad_span)(ws[i], *spans[i]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(outs[1], outs[0]) and not np.allclose(grads[2][1], grads[1][1])
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -132,16 +132,18 @@ def odeint(
     Compilation: the solve is compiled once per vector-field object, static configuration,
     static `args` leaves and argument shapes/dtypes, and reused by later calls, also eager
     ones and eager `jax.grad`s (as under `jax.jit`, values the vector field reads by closure
-    from Python objects are fixed at the first call; pass changing values in `args`). Flax
-    modules: call submodules inside a solve through `anode_jax.models.odeint_linen`.
+    from Python objects are fixed at the first call; pass changing values in `args`). `ts` and
+    traced `t0`/`t1` are arguments of that program (new values reuse it); concrete `t0`/`t1`
+    are part of the configuration (a new value compiles). Flax modules: call submodules inside
+    a solve through `anode_jax.models.odeint_linen`.
     """
     adaptive_options = dict(
         rtol=rtol, atol=atol, max_steps=max_steps, dt0=dt0, controller=controller,
         return_stats=return_stats, throw=throw,
     )  # fmt: skip
     if ts is not None or _times.is_traced(t0) or _times.is_traced(t1):
-        return _times.odeint_times(
-            odeint, vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps,
+        return _odeint_times(
+            vector_field, y0, args, t0=t0, t1=t1, ts=ts, num_steps=num_steps,
             solver=solver, adjoint=adjoint, unroll=unroll, **adaptive_options,
         )  # fmt: skip
     if not callable(vector_field):
@@ -167,21 +169,55 @@ def odeint(
     _check_state(y0)
     config = _Config(solver, strategy, t0, t1, num_steps, unroll)
     dynamic, static = _partition_args(args)
+    return _run_cached(vector_field, y0, dynamic, static, config, strategy.name)
+
+
+def _run_cached(vector_field, y0, dynamic, static, config, adjoint_name, *times):
+    """The cached compiled solve for this configuration (or the plain one when uncacheable),
+    with the errors of the solve translated into odeint's."""
+    solve = _solve_times if isinstance(config, _TimesConfig) else _solve
     try:
-        compiled = _cached_solve(vector_field, config, static)
+        compiled = _cached_solve(vector_field, config, static, solve)
         if compiled is not None:
-            return compiled(y0, dynamic)
-        return _solve(vector_field, y0, dynamic, static, config)
+            return compiled(y0, dynamic, *times)
+        return solve(vector_field, y0, dynamic, static, config, *times)
     except jax.errors.UnexpectedTracerError as err:
         raise TypeError(_LEAK_MESSAGE) from err
     except TypeError as err:
         if _FORWARD_MODE_ERROR not in str(err):
             raise
         raise TypeError(
-            f"odeint: adjoint={strategy.name!r} defines a custom VJP and cannot be "
+            f"odeint: adjoint={adjoint_name!r} defines a custom VJP and cannot be "
             'differentiated in forward mode (jax.jvp, jax.jacfwd, jax.linearize); use adjoint="direct" '
             "for forward mode (forward-over-reverse, e.g. jax.hessian, works with every adjoint)."
         ) from None
+
+
+def _odeint_times(vector_field, y0, args, **kwargs) -> PyTree:
+    """odeint for output times `ts` or traced t0/t1: one compiled program per configuration
+    that takes the times as arguments (new time values reuse it, eager calls included)."""
+    times, options = _times.prepare_times(vector_field, **kwargs)
+    # Types in the key: True and 1 (unroll), 1 and 1.0 are equal but act differently.
+    config = _TimesConfig(tuple((k, type(v), v) for k, v in sorted(options.items())))
+    dynamic, static = _partition_args(args)
+    adjoint = options["adjoint"]
+    name = adjoint if isinstance(adjoint, str) else getattr(adjoint, "name", adjoint)
+    return _run_cached(vector_field, y0, dynamic, static, config, name, times)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TimesConfig:
+    """The static configuration of a solve with output times or traced t0/t1: the options of
+    every per-interval solve, as sorted (name, type, value) triples (hashable when the values
+    are)."""
+
+    options: tuple[tuple[str, type, Any], ...]
+
+
+def _solve_times(vector_field, y0, dynamic, static: _StaticArgs, config: _TimesConfig, times):
+    args = static.merge(dynamic)
+    options = {name: value for name, _, value in config.options}
+    return _times.solve_times(odeint, vector_field, y0, args, times, options)
 
 
 _ADAPTIVE_DEFAULTS = dict(
@@ -257,21 +293,7 @@ def _odeint_adaptive(
     spec = adaptive.AdaptiveSpec(solver, controller, t0, t1, int(max_steps), throw)
     config = _AdaptiveConfig(strategy, spec, return_stats)
     dynamic, static = _partition_args(args)
-    try:
-        compiled = _cached_solve(vector_field, config, static)
-        if compiled is not None:
-            return compiled(y0, dynamic)
-        return _solve(vector_field, y0, dynamic, static, config)
-    except jax.errors.UnexpectedTracerError as err:
-        raise TypeError(_LEAK_MESSAGE) from err
-    except TypeError as err:
-        if _FORWARD_MODE_ERROR not in str(err):
-            raise
-        raise TypeError(
-            f"odeint: adjoint={strategy.name!r} defines a custom VJP and cannot be "
-            'differentiated in forward mode (jax.jvp, jax.jacfwd, jax.linearize); use adjoint="direct" '
-            "for forward mode (forward-over-reverse, e.g. jax.hessian, works with every adjoint)."
-        ) from None
+    return _run_cached(vector_field, y0, dynamic, static, config, strategy.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,16 +373,19 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CACHE_MISSES = [0]
 
 
-def _cached_solve(vector_field, config: _Config, static: _StaticArgs):
-    """jax.jit(solve) for this field and static configuration, or None when uncacheable
-    (a field or static leaf that cannot be hashed or weakly referenced)."""
+def _cached_solve(vector_field, config, static: _StaticArgs, solve_fn=None):
+    """jax.jit(solve_fn) for this field and static configuration, or None when uncacheable
+    (a field, option or static leaf that cannot be hashed or weakly referenced). solve_fn
+    (default `_solve`) is called as solve_fn(field, y0, dynamic, static, config, *rest); the
+    compiled program takes (y0, dynamic, *rest), all traced."""
+    solve_fn = _solve if solve_fn is None else solve_fn
     if isinstance(vector_field, types.MethodType):
         owner, func = vector_field.__self__, vector_field.__func__
     else:
         owner, func = vector_field, None
     try:
         per_field = _COMPILED.get(owner)
-        key = (func, config, static)
+        key = (func, solve_fn, config, static)
         hash(key)
         if per_field is None:
             per_field = _COMPILED[owner] = {}
@@ -371,10 +396,10 @@ def _cached_solve(vector_field, config: _Config, static: _StaticArgs):
         _CACHE_MISSES[0] += 1
         owner_ref = weakref.ref(owner)
 
-        def solve(y0, dynamic):
+        def solve(y0, dynamic, *rest):
             owner = owner_ref()
             field = owner if func is None else types.MethodType(func, owner)
-            return _solve(field, y0, dynamic, static, config)
+            return solve_fn(field, y0, dynamic, static, config, *rest)
 
         compiled = per_field[key] = jax.jit(solve)
     return compiled

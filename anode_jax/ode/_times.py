@@ -16,6 +16,10 @@ Many output times: one `lax.scan` over the intervals [ts[i], ts[i+1]], whose bod
 of one interval with the chosen strategy and `num_steps` steps. Each interval is one `odeint`
 call started from the previous output: solvers that carry an auxiliary state (the reversible
 ones) re-initialise it at every output time (`solver.init`, `solver.output` per interval).
+
+Compilation: `odeint` compiles `solve_times` once per vector field, configuration, static
+`args` leaves and shapes/dtypes, with the times as arguments of the compiled program, so eager
+calls with new times (or eager `jax.grad`s with respect to them) reuse it.
 """
 
 from __future__ import annotations
@@ -108,11 +112,8 @@ def check_ts(ts):
     return jnp.asarray(ts).astype(_loop.time_dtype())
 
 
-def odeint_times(
-    solve,
+def prepare_times(
     vector_field: VectorField,
-    y0: PyTree,
-    args: PyTree,
     *,
     t0,
     t1,
@@ -122,11 +123,12 @@ def odeint_times(
     adjoint,
     unroll,
     **adaptive_options,
-) -> PyTree:
-    """`odeint` for traced `t0`/`t1` (returns y(t1)) or output times `ts` (returns y at every
-    entry of `ts`, stacked on a new leading axis; entry 0 is y0). `solve` is `odeint` itself,
-    called with static times [0, 1] on the normalised field (passed in, not imported, so the
-    two modules do not import each other)."""
+) -> tuple[tuple, dict]:
+    """Checks the arguments of `odeint` for traced `t0`/`t1` or output times `ts`; returns
+    (times, options): times is (t0, t1) as time-dtype scalars, or (ts,) as a 1-D time-dtype
+    array; options are the keyword arguments of every per-interval solve (the ones not given
+    left out). Times stay arrays so that a compiled solve takes them as data (one program for
+    every value)."""
     if not callable(vector_field):
         raise TypeError(
             f"vector_field must be callable f(t, y, args), got {type(vector_field).__name__}."
@@ -136,7 +138,6 @@ def odeint_times(
     # error estimates equal those on [a, b] (a step σ on g is the step (b − a)σ on f), so
     # the controller accepts the same steps; it restarts (Hairer's initial step) at every
     # output time. Step sizes given in units of t cannot be normalised here.
-    return_stats = adaptive_options.get("return_stats", False)
     for name in ("dt0", "controller"):
         if adaptive_options.get(name) is not None:
             raise ValueError(
@@ -149,13 +150,24 @@ def odeint_times(
     if ts is None:
         a = _scalar_time("t0", 0.0 if t0 is None else t0)
         b = _scalar_time("t1", 1.0 if t1 is None else t1)
-        return _interval(solve, vector_field, y0, args, a, b, options)
+        return (a, b), options
     if t0 is not None or t1 is not None:
         raise TypeError(
             "odeint takes either t0=/t1= (returns y(t1)) or ts= (returns y at every entry of "
             "ts, with ts[0] the initial time), not both."
         )
-    ts = check_ts(ts)
+    return (check_ts(ts),), options
+
+
+def solve_times(solve, vector_field: VectorField, y0: PyTree, args: PyTree, times, options):
+    """y(t1) for times = (t0, t1), or y at every entry of ts for times = (ts,) (stacked on a
+    new leading axis; entry 0 is y0), from `prepare_times`'s (times, options). `solve` is
+    `odeint` itself, called with static times [0, 1] on the normalised field (passed in, not
+    imported, so the two modules do not import each other)."""
+    if len(times) == 2:
+        return _interval(solve, vector_field, y0, args, *times, options)
+    (ts,) = times
+    return_stats = options.get("return_stats", False)
 
     def body(y, interval):
         out = _interval(solve, vector_field, y, args, interval[0], interval[1], options)
