@@ -229,7 +229,7 @@ def test_vmap_over_per_sample_spans_equals_a_loop(x64):
 
 # --- eager calls compile once ---------------------------------------------------------------
 
-# Every strategy with a fixed-step solver (looped and unrolled), and adaptive solvers.
+# Every strategy with a fixed-step solver, and adaptive solvers.
 EAGER_FIXED = [
     ("rk4", "direct"),
     ("rk4", "anode"),
@@ -238,9 +238,9 @@ EAGER_FIXED = [
     ("reversible:rk4", "reversible"),
     ("rk4", "backsolve"),
 ]
-EAGER_CASES = [
-    (solver, adjoint, unroll) for solver, adjoint in EAGER_FIXED for unroll in (False, True)
-]
+# Every strategy, looped or unrolled in turn: both loop forms are covered, and each case
+# compiles three programs (all 12 pairs took minutes).
+EAGER_CASES = [(solver, adjoint, i % 2 == 1) for i, (solver, adjoint) in enumerate(EAGER_FIXED)]
 EAGER_CASES += [("dopri5", "anode", None), ("bosh3", "checkpointed:2", None)]
 
 
