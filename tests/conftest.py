@@ -37,6 +37,31 @@ def key():
     return jax.random.PRNGKey(0)
 
 
+class CompileCounter:
+    """Counts XLA compilations (jax.monitoring's backend-compile event)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, name, duration, **kwargs):
+        if name == self.EVENT:
+            self.count += 1
+
+    def close(self):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.fixture
+def compilations():
+    """A `CompileCounter` listening for the test's duration."""
+    counter = CompileCounter()
+    yield counter
+    counter.close()
+
+
 def tree_allclose(actual, expected, *, rtol, atol=0.0):
     """Asserts two pytrees have the same structure and allclose leaves."""
     assert jax.tree.structure(actual) == jax.tree.structure(expected), (

@@ -209,30 +209,6 @@ def test_program_does_not_grow_with_num_steps(adjoint):
 # Kind 5: eager calls compile once.
 
 
-class _CompileCounter:
-    """Counts XLA compilations (jax.monitoring's backend-compile event)."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, name, duration, **kwargs):
-        if name == self.EVENT:
-            self.count += 1
-
-    def close(self):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
-@pytest.fixture
-def compilations():
-    counter = _CompileCounter()
-    yield counter
-    counter.close()
-
-
 def _decay(t, y, w):
     return -jnp.tanh(w @ y)
 

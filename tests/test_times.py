@@ -13,7 +13,6 @@ from jax.test_util import check_grads
 from anode_jax import odeint
 from tests._ode_problems import conv_relu_field, conv_relu_problem, smooth_field, smooth_problem
 from tests.conftest import tree_allclose
-from tests.test_first_contact import _CompileCounter
 
 TS = (0.0, 0.3, 0.45, 1.0, 1.6)  # irregular
 # (solver, adjoint) pairs of every exact strategy; reversible needs a reversible solver.
@@ -242,13 +241,6 @@ EAGER_FIXED = [
 # compiles three programs (all 12 pairs took minutes).
 EAGER_CASES = [(solver, adjoint, i % 2 == 1) for i, (solver, adjoint) in enumerate(EAGER_FIXED)]
 EAGER_CASES += [("dopri5", "anode", None), ("bosh3", "checkpointed:2", None)]
-
-
-@pytest.fixture
-def compilations():
-    counter = _CompileCounter()
-    yield counter
-    counter.close()
 
 
 def _decay(t, y, w):

@@ -159,7 +159,7 @@ def odeint(
         )  # fmt: skip
     _check_fixed_step_options(solver, num_steps, adaptive_options)
     strategy.check_solver(solver)
-    num_steps = _check_num_steps(num_steps)
+    num_steps = _check_count("num_steps", num_steps, "the number of fixed solver steps")
     t0 = _check_time("t0", 0.0 if t0 is None else t0)
     t1 = _check_time("t1", 1.0 if t1 is None else t1)
     if t1 == t0:
@@ -274,13 +274,7 @@ def _odeint_adaptive(
         )
     if max_steps is None:
         max_steps = 4096
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
-        raise TypeError(
-            f"max_steps must be a Python int >= 1 (the static bound on attempted steps), got "
-            f"{max_steps!r} of type {type(max_steps).__name__}."
-        )
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+    max_steps = _check_count("max_steps", max_steps, "the static bound on attempted steps")
     if not isinstance(return_stats, bool) or not isinstance(throw, bool):
         raise TypeError("return_stats and throw must be bools.")
     t0 = _check_time("t0", 0.0 if t0 is None else t0)
@@ -459,15 +453,15 @@ class _WithConsts:
         return self.closed_field(t, y, args, *consts)
 
 
-def _check_num_steps(num_steps) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+def _check_count(name: str, value, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(
-            f"num_steps must be a Python int >= 1 (the number of fixed solver steps), got "
-            f"{num_steps!r} of type {type(num_steps).__name__}."
+            f"{name} must be a Python int >= 1 ({meaning}), got "
+            f"{value!r} of type {type(value).__name__}."
         )
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
-    return int(num_steps)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return int(value)
 
 
 def _check_time(name: str, value) -> float:

@@ -47,19 +47,10 @@ def _backsolve_bwd(vector_field, spec, residuals, ct_y1):
     # XLA may hoist every block's reconstruction into the forward pass and keep it alive.
     y1, args, ct_y1 = _loop.tree_barrier(*residuals, ct_y1)
     args_inexact, rebuild_args, rebuild_ct = _split_inexact(args)
-
-    def adjoint_field(t, state, _):
-        # Augmented system of Chen et al. (2018), Eq. 4-5 and Alg. 1:
-        #   dy/dt = f(t, y),  da/dt = -aᵀ ∂f/∂y,  dg/dt = -aᵀ ∂f/∂θ.
-        y, a, _ = state
-        fy, vjp = jax.vjp(lambda y_, p_: vector_field(t, y_, rebuild_args(p_)), y, args_inexact)
-        a_y, a_p = vjp(a)
-        neg = lambda tree: jax.tree.map(jnp.negative, tree)
-        return fy, neg(a_y), neg(a_p)
-
     g1 = [jnp.zeros_like(p) for p in args_inexact]
     back = SolveSpec(spec.solver, spec.t1, spec.t0, spec.num_steps, spec.unroll)
-    _, a0, g0 = forward(adjoint_field, (y1, ct_y1, g1), None, back)
+    adjoint_field = _adjoint_field(vector_field, rebuild_args)
+    _, a0, g0 = forward(adjoint_field, (y1, ct_y1, g1), args_inexact, back)
     return a0, rebuild_ct(g0)
 
 
