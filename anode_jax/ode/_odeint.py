@@ -284,7 +284,7 @@ def _odeint_adaptive(
     _check_state(y0)
     for name, tol in (("rtol", controller.rtol), ("atol", controller.atol)):
         tol.per_leaf(name, y0)  # a pytree tolerance must have y's structure
-    spec = adaptive.AdaptiveSpec(solver, controller, t0, t1, int(max_steps), throw)
+    spec = adaptive.AdaptiveSpec(solver, controller, t0, t1, max_steps, throw)
     config = _AdaptiveConfig(strategy, spec, return_stats)
     dynamic, static = _partition_args(args)
     return _run_cached(vector_field, y0, dynamic, static, config, strategy.name)
@@ -420,22 +420,25 @@ def _solve(vector_field, y0, dynamic, static: _StaticArgs, config: _Config) -> P
     )
     t_start = jnp.asarray(config.t0, _loop.time_dtype())
     state0 = solver.init(vector_field, t_start, y0, args)
-    if not strategy.needs_closure_conversion:
-        return solver.output(strategy.solve(vector_field, state0, args, spec))
-    # custom_vjp cannot differentiate values a function captures by closure; hoist them into
-    # the differentiated inputs instead of silently dropping their gradient.
+    if strategy.needs_closure_conversion:
+        vector_field, args = _hoist_closure(vector_field, t_example, y0, args)
+    return solver.output(strategy.solve(vector_field, state0, args, spec))
+
+
+def _hoist_closure(vector_field, t_example, y0, args):
+    """custom_vjp cannot differentiate values a function captures by closure: hoist them into
+    the differentiated inputs (`args` becomes (args, consts)) instead of silently dropping
+    their gradient."""
     closed_field, consts = jax.closure_convert(vector_field, t_example, y0, args)
     if consts:
-        vector_field, args = _WithConsts(closed_field), (args, tuple(consts))
-    return solver.output(strategy.solve(vector_field, state0, args, spec))
+        return _WithConsts(closed_field), (args, tuple(consts))
+    return vector_field, args
 
 
 def _solve_adaptive(vector_field, y0, args, config: _AdaptiveConfig, t_example) -> PyTree:
     strategy = config.strategy
     if strategy.needs_closure_conversion:
-        closed_field, consts = jax.closure_convert(vector_field, t_example, y0, args)
-        if consts:
-            vector_field, args = _WithConsts(closed_field), (args, tuple(consts))
+        vector_field, args = _hoist_closure(vector_field, t_example, y0, args)
     y1, record = strategy.solve_adaptive(vector_field, y0, args, config.spec)
     if config.return_stats:
         return y1, adaptive.stats(record)
