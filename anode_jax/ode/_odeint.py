@@ -83,7 +83,9 @@ def odeint(
         "checkpointed:K" / Checkpointed(K) (exact, at most K states of a block), "reversible"
         (with a reversible solver) or "backsolve" (Neural ODE adjoint; approximate, baseline
         only). With `ts`, every strategy runs per interval inside one `lax.scan` and also
-        stores the n outputs. Every exact strategy supports reverse-over-reverse
+        stores the n outputs; "anode" and "checkpointed:K" keep nothing else per interval
+        (their backward pass reads each interval's input from the outputs), "reversible" one
+        auxiliary solver state per interval, "direct" every step. Every exact strategy supports reverse-over-reverse
         differentiation (grad of grad, Hessian-vector products). Forward mode (`jax.jvp`,
         `jax.jacfwd`, `jax.linearize` on the solve) needs adjoint="direct": the other
         strategies define a custom VJP and raise a TypeError naming it; forward-over-reverse

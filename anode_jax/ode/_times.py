@@ -24,6 +24,7 @@ calls with new times (or eager `jax.grad`s with respect to them) reuse it.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -33,6 +34,9 @@ from jax import lax
 
 from anode_jax._typing import PyTree, VectorField
 from anode_jax.ode import _loop
+from anode_jax.ode.adjoints import get_adjoint
+from anode_jax.ode.adjoints.base import tree_add
+from anode_jax.ode.solvers import EmbeddedTableau, get_solver
 
 
 def is_traced(value) -> bool:
@@ -167,6 +171,8 @@ def solve_times(solve, vector_field: VectorField, y0: PyTree, args: PyTree, time
     if len(times) == 2:
         return _interval(solve, vector_field, y0, args, *times, options)
     (ts,) = times
+    if _outputs_are_residuals(options):
+        return _outputs_only_solve(solve, vector_field, y0, args, ts, options)
     return_stats = options.get("return_stats", False)
 
     def body(y, interval):
@@ -183,3 +189,88 @@ def solve_times(solve, vector_field: VectorField, y0: PyTree, args: PyTree, time
     combined["max_steps_reached"] = jnp.any(stats["max_steps_reached"])
     combined["t_final"] = stats["t_final"][-1]
     return ys, combined
+
+
+def _outputs_are_residuals(options) -> bool:
+    """Whether the outputs can serve as the only residuals of a solve at many times: a
+    fixed-step solve whose strategy's backward pass needs only each interval's input (anode,
+    checkpointed), and each interval's input is the previous output."""
+    try:
+        adjoint, solver = get_adjoint(options["adjoint"]), get_solver(options["solver"])
+    except (TypeError, ValueError):
+        return False  # the per-interval odeint raises the clear error
+    return adjoint.backward_needs_input_only and not isinstance(solver, EmbeddedTableau)
+
+
+def _outputs_only_solve(solve, vector_field, y0, args, ts, options):
+    """y at every entry of ts, differentiated with the outputs as the only residuals.
+
+    Reverse-mode through a `lax.scan` of interval solves would stack each interval's input as
+    a residual: a second copy of the n outputs. Here the backward pass reads interval i's input
+    from the outputs (ys[i]) and takes the interval's VJP by its own strategy (which recomputes
+    it from that input), adding the cotangent of ys[i] as it passes it. Memory: the outputs,
+    their cotangent and one interval's working set. Values captured by closure (tracers of an
+    enclosing trace) are hoisted into the differentiated inputs first."""
+
+    def interval(y, args, a, b):
+        return _interval(solve, vector_field, y, args, a, b, options)
+
+    closed, consts = jax.closure_convert(interval, y0, args, ts[0], ts[1])
+    return _saved_outputs(closed, y0, args, ts, tuple(consts))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _saved_outputs(interval, y0, args, ts, consts):
+    return _forward_outputs(interval, y0, args, ts, consts)
+
+
+def _forward_outputs(interval, y0, args, ts, consts):
+    """The n outputs written into one (n, ...) buffer per leaf (entry 0 is y0)."""
+    n = ts.shape[0]
+    buffer = jax.tree.map(lambda leaf: jnp.zeros((n, *leaf.shape), leaf.dtype).at[0].set(leaf), y0)
+
+    def body(carry, i):
+        y, buffer = carry
+        y = interval(y, args, ts[i], ts[i + 1], *consts)
+        buffer = jax.tree.map(
+            lambda b, leaf: lax.dynamic_update_index_in_dim(b, leaf, i + 1, 0), buffer, y
+        )
+        return (y, buffer), None
+
+    (_, ys), _ = lax.scan(body, (y0, buffer), jnp.arange(n - 1, dtype=jnp.int32))
+    return ys
+
+
+def _saved_outputs_fwd(interval, y0, args, ts, consts):
+    ys = _forward_outputs(interval, y0, args, ts, consts)
+    return ys, (ys, args, ts, consts)
+
+
+def _saved_outputs_bwd(interval, residuals, ct_ys):
+    ys, args, ts, consts = residuals
+    n = ts.shape[0]
+    zeros = functools.partial(jax.tree.map, _loop.zeros_like_cotangent)
+    last = jax.tree.map(lambda c: c[n - 1], ct_ys)
+
+    def body(carry, i):  # i = n - 2, ..., 0: the interval [ts[i], ts[i + 1]]
+        ct_y, ct_args, ct_consts, ct_ts = carry
+        y_in = jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, i, keepdims=False), ys)
+        # Only the VJP is used: the interval's primal output is dead code (each strategy's
+        # backward recomputes from y_in), and XLA removes it.
+        _, vjp = jax.vjp(
+            lambda y, a, ta, tb, c: interval(y, a, ta, tb, *c), y_in, args, ts[i], ts[i + 1], consts
+        )
+        ct_in, ct_a, ct_ta, ct_tb, ct_c = vjp(ct_y)
+        ct_here = jax.tree.map(lambda c: lax.dynamic_index_in_dim(c, i, keepdims=False), ct_ys)
+        ct_y = jax.tree.map(jnp.add, ct_in, ct_here)
+        ct_ts = ct_ts.at[i].add(ct_ta).at[i + 1].add(ct_tb)
+        return (ct_y, tree_add(ct_args, ct_a), tree_add(ct_consts, ct_c), ct_ts), None
+
+    carry = (last, zeros(args), zeros(consts), jnp.zeros_like(ts))
+    (ct_y0, ct_args, ct_consts, ct_ts), _ = lax.scan(
+        body, carry, jnp.arange(n - 1, dtype=jnp.int32), reverse=True
+    )
+    return ct_y0, ct_args, ct_ts, ct_consts
+
+
+_saved_outputs.defvjp(_saved_outputs_fwd, _saved_outputs_bwd)

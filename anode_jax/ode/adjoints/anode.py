@@ -88,6 +88,7 @@ class Anode(AbstractAdjoint):
     """
 
     name = "anode"
+    backward_needs_input_only = True
 
     def solve_adaptive(self, vector_field, y0, args, spec):
         return _anode_adaptive(vector_field, y0, args, spec)

@@ -342,6 +342,7 @@ class Checkpointed(AbstractAdjoint):
 
     num_checkpoints: int = 4
     name = "checkpointed"
+    backward_needs_input_only = True
 
     def solve_adaptive(self, vector_field, y0, args, spec):
         return _checkpointed_adaptive(vector_field, y0, args, spec, self.num_checkpoints)
