@@ -23,7 +23,7 @@ the mlp problem against max_steps (100 … 100,000).
 
 Then (`accepted`) the cost against the number n of *accepted* steps at one fixed max_steps
 (16,384): `oscillator`, state 16×32 (2 KiB in float32), field speed · y A with A a fixed
-skew-symmetric 32×32 matrix (spectral radius 1.29; a rotation, so the amplitude and the step
+skew-symmetric 32×32 matrix (spectral radius 1.27; a rotation, so the amplitude and the step
 size stay constant and n grows linearly with the speed), t ∈ [0, 1], rtol = atol = 1e-5, speeds
 chosen for n ≈ 100, 1,000 and 10,000. Each n is its own compiled program (the speed is a
 constant of the field). For "anode", "checkpointed:4" and "direct": accepted/rejected steps
