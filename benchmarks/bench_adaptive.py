@@ -39,6 +39,7 @@ runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -314,6 +315,27 @@ def accepted_markdown(acc) -> list[str]:
                 f"{r['recomputed_steps']:,} | {rn:.1f} | {ratio - 1 - rn:.1f} | "
                 f"{1e6 * r['median_s'] / n:.0f} |"
             )
+    lines += [
+        "",
+        'The revolve cost seen in time: "checkpointed:4" recomputes R₄ − R_anode more steps '
+        'than "anode" for the same n (same VJPs); its extra time per extra recomputed step, '
+        "against the forward's time per attempted step:",
+        "",
+        "| n | extra recomputed steps | extra time | extra µs per extra step | "
+        "forward µs per attempted step |",
+        "|---|---|---|---|---|",
+    ]
+    for case in acc["cases"]:
+        rows = case["rows"]
+        if "checkpointed:4" not in rows or "anode" not in rows:
+            continue
+        extra = rows["checkpointed:4"]["recomputed_steps"] - rows["anode"]["recomputed_steps"]
+        dt = rows["checkpointed:4"]["median_s"] - rows["anode"]["median_s"]
+        attempts = case["accepted"] + case["rejected"]
+        lines.append(
+            f"| {case['accepted']} | {extra:,} | {1e3 * dt:.1f} ms | "
+            f"{1e6 * dt / max(extra, 1):.1f} | {1e6 * case['forward']['median_s'] / attempts:.1f} |"
+        )
     same = ", ".join(
         f"{a}: {'same' if eq else 'DIFFERENT'}"
         for a, eq in acc["temp_bytes_equal_across_n"].items()
@@ -398,6 +420,10 @@ def main():
         "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
         help="what to run (default: all; docs/ is written only when all run, else printed)",
     )  # fmt: skip
+    parser.add_argument(
+        "--render", action="store_true",
+        help="only re-render docs/bench_adaptive.md from docs/bench_adaptive.json",
+    )  # fmt: skip
     parser.add_argument("--problems", nargs="+", default=["mlp", "conv", "mlp_fast"])
     parser.add_argument("--tols", type=float, nargs="+", default=[1e-3, 1e-5])
     parser.add_argument("--repeats", type=int, default=5)
@@ -407,6 +433,13 @@ def main():
         help="oscillator speeds of the accepted-steps section (n ≈ 2 · speed)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.render:
+        docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+        with open(os.path.join(docs, "bench_adaptive.json")) as f:
+            payload = json.load(f)
+        with open(os.path.join(docs, "bench_adaptive.md"), "w") as f:
+            f.write(markdown(payload))
+        return
     payload = {"machine": _common.machine(), "repeats": args.repeats, "cases": []}
     if "diffrax" in args.sections:
         for problem in args.problems:
