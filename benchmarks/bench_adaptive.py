@@ -11,7 +11,9 @@ Problems (float32, t ∈ [0, 1]):
   `anode_jax.nn.conv_general_dilated` (the ANODE paper's block without normalisation).
 
 Loss: mean of y(1)². Rows: anode-jax "anode", "checkpointed:4" and "backsolve" ("direct"
-holds O(max_steps) attempts' internals: compiled only, in the max_steps sweep), and diffrax 0.7 `diffeqsolve(Tsit5(), PIDController(rtol, atol))` with
+holds O(max_steps) attempts' internals: compiled only in the max_steps sweep, timed on a small
+state in the accepted-steps section), and diffrax 0.7
+`diffeqsolve(Tsit5(), PIDController(rtol, atol))` with
 `RecursiveCheckpointAdjoint()` (its default: the reference of every ratio),
 `RecursiveCheckpointAdjoint(checkpoints=4)` and `BacksolveAdjoint()`; rtol = atol for each
 tolerance, max_steps 4096 for both libraries. The step counts of both are recorded.
@@ -33,7 +35,7 @@ gradient/forward against the steps each backward pass recomputes: `revolve_cost(
 "checkpointed:4", 2n − ⌈n/m⌉ for "anode" (its first pass steps n times, storing every m-th
 state, m = ⌈n / ⌈√max_steps⌉⌉; then each segment of m steps is recomputed from its
 checkpoint: m − 1 steps a segment). Writes docs/bench_adaptive.{json,md} when every section
-runs.
+runs; `--render` rewrites the Markdown from the stored JSON.
 """
 
 from __future__ import annotations

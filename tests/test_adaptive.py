@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from anode_jax import odeint
 from anode_jax.nn import conv_general_dilated
@@ -340,7 +341,7 @@ def test_times_and_vmap_with_adaptive_solver(x64):
         y_end = odeint(smooth_field, y0, args, t0=0.0, t1=1.1, **kw)
         grads = [jax.grad(end)(t1, adjoint) for adjoint in ("anode", "direct")]
         batched = jax.vmap(end)(spans)
-        looped = [end(spans[i]) for i in range(spans.shape[0])]
+        looped = lax.map(end, spans)  # one sample at a time
         return ys, stats, y_end, grads, batched, looped
 
     ys, stats, y_end, grads, batched, looped = everything(jnp.asarray(0.8), jnp.asarray([0.5, 0.9]))
