@@ -6,11 +6,14 @@ differences where the step sequence is locally constant, values with closed-form
 and step counts with diffrax on the same problem and tolerances.
 """
 
+import functools
+
 import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from anode_jax import odeint
 from anode_jax.nn import conv_general_dilated
@@ -129,23 +132,37 @@ def test_converges_as_tolerances_shrink(solver, x64):
     a, q, lam = stiffish_matrix()
     y0 = jnp.arange(1.0, 6.0)
     exact = q @ (jnp.exp(lam * 0.5) * (q.T @ y0))
-    errors = []
-    for tol in (1e-4, 1e-6, 1e-8):
-        y1 = odeint(linear_field, y0, a, t0=0.0, t1=0.5, solver=solver, rtol=tol, atol=tol)
-        errors.append(float(jnp.max(jnp.abs(y1 - exact))))
-        assert errors[-1] < 50 * tol * float(jnp.max(jnp.abs(y0))), (tol, errors)
+    tols = (1e-4, 1e-6, 1e-8)
+    solve = lambda tol: odeint(
+        linear_field, y0, a, t0=0.0, t1=0.5, solver=solver, rtol=tol, atol=tol
+    )
+    ys = jax.jit(lambda: [solve(tol) for tol in tols])()  # one program for the three solves
+    errors = [float(jnp.max(jnp.abs(y1 - exact))) for y1 in ys]
+    for tol, error in zip(tols, errors):
+        assert error < 50 * tol * float(jnp.max(jnp.abs(y0))), (tol, errors)
     assert errors[0] > errors[1] > errors[2], errors
 
 
 def test_lands_exactly_on_t1_and_reverses(x64):
     y0, args = smooth_problem(jax.random.PRNGKey(1))
-    for t1 in (1.0 / 3.0, -2.1):
-        y1, stats = odeint(
-            smooth_field, y0, args, t0=0.1, t1=t1, solver="tsit5", rtol=1e-7, atol=1e-9,
-            return_stats=True,
-        )  # fmt: skip
-        assert float(stats["t_final"]) == t1  # bitwise: the last step is clipped onto t1
-        back = odeint(smooth_field, y1, args, t0=t1, t1=0.1, solver="tsit5", rtol=1e-9, atol=1e-11)
+    spans = (1.0 / 3.0, -2.1)
+
+    @jax.jit
+    def there_and_back():  # one program for both spans
+        out = []
+        for t1 in spans:
+            y1, stats = odeint(
+                smooth_field, y0, args, t0=0.1, t1=t1, solver="tsit5", rtol=1e-7, atol=1e-9,
+                return_stats=True,
+            )  # fmt: skip
+            back = odeint(
+                smooth_field, y1, args, t0=t1, t1=0.1, solver="tsit5", rtol=1e-9, atol=1e-11
+            )
+            out.append((stats["t_final"], back))
+        return out
+
+    for t1, (t_final, back) in zip(spans, there_and_back()):
+        assert float(t_final) == t1  # bitwise: the last step is clipped onto t1
         tree_allclose(back, y0, rtol=0, atol=1e-5)
 
 
@@ -167,14 +184,11 @@ def test_stats_and_step_bounds(x64):
 
 def test_pytree_tolerances(x64):
     y0, args = smooth_problem(jax.random.PRNGKey(2))
-    tight = odeint(smooth_field, y0, args, solver="tsit5", rtol=1e-9, atol=1e-12)
     loose_x = {"x": 1e-2, "v": 1e-9}
-    y, stats = odeint(
-        smooth_field, y0, args, solver="tsit5", rtol=loose_x, atol=1e-12, return_stats=True
+    solve = lambda rtol: odeint(
+        smooth_field, y0, args, solver="tsit5", rtol=rtol, atol=1e-12, return_stats=True
     )
-    _, stats_tight = odeint(
-        smooth_field, y0, args, solver="tsit5", rtol=1e-9, atol=1e-12, return_stats=True
-    )
+    (y, stats), (tight, stats_tight) = jax.jit(lambda: (solve(loose_x), solve(1e-9)))()
     # The per-leaf rtol is used (fewer steps than the uniformly tight solve) and still
     # controls "v" tightly.
     assert int(stats["num_steps"]) < int(stats_tight["num_steps"])
@@ -197,32 +211,42 @@ def test_step_counts_match_diffrax(solver, problem, x64):
         y0, args = mlp_problem(jax.random.PRNGKey(0))
         field, t1 = mlp_field, 3.0
     tol = dict(rtol=1e-6, atol=1e-6)
-    y, stats = odeint(field, y0, args, t0=0.0, t1=t1, solver=solver, return_stats=True, **tol)
-    ours = int(stats["num_steps"])
     d_solver = {"tsit5": diffrax.Tsit5(), "dopri5": diffrax.Dopri5()}[solver]
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(field), d_solver, 0.0, t1, None, y0, args=args,
-        stepsize_controller=diffrax.PIDController(**tol),
-    )  # fmt: skip
-    theirs = int(sol.stats["num_steps"])
+
+    @jax.jit
+    def both(y0, args):  # one program
+        ours = odeint(field, y0, args, t0=0.0, t1=t1, solver=solver, return_stats=True, **tol)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field), d_solver, 0.0, t1, None, y0, args=args,
+            stepsize_controller=diffrax.PIDController(**tol),
+        )  # fmt: skip
+        return ours, (sol.ys[-1], sol.stats["num_steps"])
+
+    (y, stats), (y_theirs, theirs) = both(y0, args)
+    ours, theirs = int(stats["num_steps"]), int(theirs)
     assert abs(ours - theirs) <= 0.2 * theirs, (ours, theirs)
-    tree_allclose(y, sol.ys[-1], rtol=0, atol=1e-4)
+    tree_allclose(y, y_theirs, rtol=0, atol=1e-4)
 
 
 # --- gradients -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adjoint", EXACT)
-def test_exact_strategies_equal_direct_mlp(adjoint, x64):
+def _gradients(field, adjoints, y0, args, **kw):
+    """{adjoint: gradient of `_loss` w.r.t. (y0, args)} for each adjoint, in one compiled
+    program (the strategies' forward solves are shared where they coincide)."""
+    grad = lambda adjoint: jax.grad(_loss(field, adjoint=adjoint, **kw), (0, 1))
+    return jax.jit(lambda y0, args: {a: grad(a)(y0, args) for a in adjoints})(y0, args)
+
+
+def test_exact_strategies_equal_direct_mlp(x64):
     y0, p = mlp_problem(jax.random.PRNGKey(4))
     kw = dict(t0=0.0, t1=2.0, rtol=1e-6, atol=1e-8, max_steps=256)
-    expected = jax.grad(_loss(mlp_field, adjoint="direct", **kw), (0, 1))(y0, p)
-    actual = jax.grad(_loss(mlp_field, adjoint=adjoint, **kw), (0, 1))(y0, p)
-    tree_allclose(actual, expected, rtol=1e-10, atol=1e-13)
+    grads = _gradients(mlp_field, ["direct", *EXACT], y0, p, **kw)
+    for adjoint in EXACT:
+        tree_allclose(grads[adjoint], grads["direct"], rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("adjoint", ["anode", "checkpointed:3"])
-def test_exact_strategies_equal_direct_stiffish(adjoint, x64):
+def test_exact_strategies_equal_direct_stiffish(x64):
     """Eigenvalues −1…−1000: ~60 accepted steps and rejections at the stability boundary;
     with max_steps=400 "anode" stores every 4th state in 20 slots (two levels).
 
@@ -238,9 +262,9 @@ def test_exact_strategies_equal_direct_stiffish(adjoint, x64):
     top, _ = anode_slots(400)
     assert int(stats["num_accepted_steps"]) > top  # the two-level replay is exercised
     assert int(stats["num_rejected_steps"]) > 0  # and rejected steps are skipped by it
-    expected = jax.grad(_loss(linear_field, adjoint="direct", **kw), (0, 1))(y0, a)
-    actual = jax.grad(_loss(linear_field, adjoint=adjoint, **kw), (0, 1))(y0, a)
-    tree_allclose(actual, expected, rtol=1e-10, atol=1e-12)
+    grads = _gradients(linear_field, ["direct", "anode", "checkpointed:3"], y0, a, **kw)
+    for adjoint in ("anode", "checkpointed:3"):
+        tree_allclose(grads[adjoint], grads["direct"], rtol=1e-10, atol=1e-12)
 
 
 def test_exact_strategies_equal_direct_conv_relu(x64):
@@ -248,9 +272,8 @@ def test_exact_strategies_equal_direct_conv_relu(x64):
     w = tuple(0.3 * jax.random.normal(k, (3, 3, 2, 2), jnp.float64) for k in keys[:2])
     z0 = jax.random.normal(keys[2], (1, 4, 4, 2), jnp.float64)
     kw = dict(solver="bosh3", rtol=1e-4, atol=1e-6, max_steps=32)
-    expected = jax.grad(_loss(conv_field, adjoint="direct", **kw), (0, 1))(z0, w)
-    actual = jax.grad(_loss(conv_field, adjoint="anode", **kw), (0, 1))(z0, w)
-    tree_allclose(actual, expected, rtol=1e-10, atol=1e-12)
+    grads = _gradients(conv_field, ["direct", "anode"], z0, w, **kw)
+    tree_allclose(grads["anode"], grads["direct"], rtol=1e-10, atol=1e-12)
 
 
 def test_finite_differences_and_backsolve(x64):
@@ -260,19 +283,25 @@ def test_finite_differences_and_backsolve(x64):
     to the exact gradient at these tolerances, not equal."""
     y0, p = mlp_problem(jax.random.PRNGKey(6), dim=3, hidden=5)
     kw = dict(t0=0.0, t1=1.0, rtol=1e-10, atol=1e-12)
-    loss = _loss(mlp_field, adjoint="anode", **kw)
-    g = jax.grad(loss)(y0, p)
     direction = jax.random.normal(jax.random.PRNGKey(7), y0.shape, jnp.float64)
     eps = 1e-5
-    counts = [
-        int(odeint(mlp_field, y, p, solver="tsit5", return_stats=True, **kw)[1]["num_steps"])
-        for y in (y0 - eps * direction, y0 + eps * direction)
-    ]
-    assert counts[0] == counts[1]
-    fd = (loss(y0 + eps * direction, p) - loss(y0 - eps * direction, p)) / (2 * eps)
-    np.testing.assert_allclose(float(jnp.vdot(g, direction)), float(fd), rtol=1e-7)
-    approx = jax.grad(_loss(mlp_field, adjoint="backsolve", **kw), (0, 1))(y0, p)
-    exact = jax.grad(loss, (0, 1))(y0, p)
+
+    @jax.jit
+    def gradients_and_points(y0, p):  # one program
+        loss = lambda adjoint: _loss(mlp_field, adjoint=adjoint, **kw)
+        grads = {a: jax.grad(loss(a), (0, 1))(y0, p) for a in ("anode", "backsolve")}
+        points = []
+        for sign in (-1.0, 1.0):
+            y = y0 + sign * eps * direction
+            _, stats = odeint(mlp_field, y, p, solver="tsit5", return_stats=True, **kw)
+            points.append((loss("anode")(y, p), stats["num_steps"]))
+        return grads, points
+
+    grads, ((minus, n_minus), (plus, n_plus)) = gradients_and_points(y0, p)
+    exact, approx = grads["anode"], grads["backsolve"]
+    assert int(n_minus) == int(n_plus)
+    fd = (plus - minus) / (2 * eps)
+    np.testing.assert_allclose(float(jnp.vdot(exact[0], direction)), float(fd), rtol=1e-7)
     tree_allclose(approx, exact, rtol=1e-6, atol=1e-8)
     assert not all(
         bool(jnp.all(a == e)) for a, e in zip(jax.tree.leaves(approx), jax.tree.leaves(exact))
@@ -285,39 +314,42 @@ def test_direct_supports_grad_of_grad(x64):
     field = lambda t, y, a: jnp.tanh(a * y)
     loss = _loss(field, rtol=1e-8, atol=1e-10, max_steps=64)
     y0, a = jnp.ones(3), jnp.asarray(0.7)
-    second = jax.grad(jax.grad(loss, 1), 1)(y0, a)
     eps = 1e-4
-    grad = jax.jit(jax.grad(loss, 1))
-    fd = (grad(y0, a + eps) - grad(y0, a - eps)) / (2 * eps)
-    np.testing.assert_allclose(second, fd, rtol=1e-6)
+    first = jax.grad(loss, 1)
+    second, plus, minus = jax.jit(  # one program
+        lambda y0, a: (jax.grad(first, 1)(y0, a), first(y0, a + eps), first(y0, a - eps))
+    )(y0, a)
+    np.testing.assert_allclose(second, (plus - minus) / (2 * eps), rtol=1e-6)
 
 
 def test_times_and_vmap_with_adaptive_solver(x64):
     """`ts` and traced spans reuse the normalised solve; gradients with respect to t1 agree
     between strategies; vmap over per-sample spans equals a loop."""
     y0, args = smooth_problem(jax.random.PRNGKey(9))
-    kw = dict(solver="tsit5", rtol=1e-8, atol=1e-10)
+    # 9–12 accepted steps per solve: max_steps=32 bounds them ("direct" runs all its max_steps
+    # iterations forward and backward, whatever the number of steps taken).
+    kw = dict(solver="tsit5", rtol=1e-8, atol=1e-10, max_steps=32)
     ts = jnp.asarray([0.0, 0.4, 1.1])
-    ys, stats = odeint(smooth_field, y0, args, ts=ts, return_stats=True, **kw)
-    y_end = odeint(smooth_field, y0, args, t0=0.0, t1=1.1, **kw)
-    tree_allclose(jax.tree.map(lambda leaf: leaf[-1], ys), y_end, rtol=0, atol=1e-7)
-    assert int(stats["num_accepted_steps"]) > 2
+
+    def end(t1, adjoint="anode"):
+        y1 = odeint(smooth_field, y0, args, t0=0.0, t1=t1, adjoint=adjoint, **kw)
+        return jnp.sum(y1["x"] ** 2)
 
     @jax.jit
-    def end(t1):
-        y1 = odeint(smooth_field, y0, args, t0=0.0, t1=t1, adjoint="anode", **kw)
-        return jnp.sum(y1["x"] ** 2)
+    def everything(t1, spans):  # one program
+        ys, stats = odeint(smooth_field, y0, args, ts=ts, return_stats=True, **kw)
+        y_end = odeint(smooth_field, y0, args, t0=0.0, t1=1.1, **kw)
+        grads = [jax.grad(end)(t1, adjoint) for adjoint in ("anode", "direct")]
+        batched = jax.vmap(end)(spans)
+        looped = lax.map(end, spans)  # one sample at a time
+        return ys, stats, y_end, grads, batched, looped
 
-    def end_direct(t1):
-        y1 = odeint(smooth_field, y0, args, t0=0.0, t1=t1, adjoint="direct", **kw)
-        return jnp.sum(y1["x"] ** 2)
-
-    np.testing.assert_allclose(
-        jax.grad(end)(jnp.asarray(0.8)), jax.grad(end_direct)(jnp.asarray(0.8)), rtol=1e-10
-    )
-    spans = jnp.asarray([0.5, 0.9])
+    ys, stats, y_end, grads, batched, looped = everything(jnp.asarray(0.8), jnp.asarray([0.5, 0.9]))
+    tree_allclose(jax.tree.map(lambda leaf: leaf[-1], ys), y_end, rtol=0, atol=1e-7)
+    assert int(stats["num_accepted_steps"]) > 2
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-10)
     # Each sample takes its own steps; batched kernels round differently from unbatched ones.
-    np.testing.assert_allclose(jax.vmap(end)(spans), [end(t) for t in spans], rtol=1e-9)
+    np.testing.assert_allclose(batched, looped, rtol=1e-9)
 
 
 # --- failures and bad inputs ---------------------------------------------------------------
@@ -384,18 +416,41 @@ def test_controller_validation():
         PIDController(rtol=jnp.ones(()))
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def _forced_decay(t, y, a):
+    return -a * y + jnp.sin(3 * t)
+
+
+REVOLVE_BUDGETS = (1, 2, 3, 6)
+
+
+@functools.cache
+def _online_revolve_counts():
+    """(n, {k: steps recomputed by `reverse_revolve` with k slots}) for one tsit5 solve of
+    `_forced_decay`, every budget in one compiled program (float64: called under the x64
+    fixture only)."""
+    from anode_jax.ode.adaptive import AdaptiveSpec, forward_record, reverse_revolve
+
+    spec = AdaptiveSpec(TSIT5, PIDController(rtol=1e-8, atol=1e-10), 0.0, 4.0, 200)
+
+    @jax.jit
+    def counts(y0, a):
+        _, record = forward_record(_forced_decay, y0, a, spec)
+        recomputed = {
+            k: reverse_revolve(TSIT5, _forced_decay, a, y0, record, jnp.ones(2), k, count=True)[2]
+            for k in REVOLVE_BUDGETS
+        }
+        return record.num_accepted, recomputed
+
+    n, recomputed = counts(jnp.ones(2), jnp.asarray([1.0, 2.0]))
+    return int(n), {k: int(v) for k, v in recomputed.items()}
+
+
+@pytest.mark.parametrize("k", REVOLVE_BUDGETS)
 def test_online_revolve_recomputes_the_fewest_steps(k, x64):
     """ "checkpointed:K" plans Griewank's binomial splitting at run time for the n accepted
     steps: it recomputes exactly as many steps as the offline schedule for Nt = n."""
-    from anode_jax.ode.adaptive import AdaptiveSpec, forward_record, reverse_revolve
     from anode_jax.ode.adjoints.checkpointed import revolve_schedule
 
-    f = lambda t, y, a: -a * y + jnp.sin(3 * t)
-    spec = AdaptiveSpec(TSIT5, PIDController(rtol=1e-8, atol=1e-10), 0.0, 4.0, 200)
-    y0, a = jnp.ones(2), jnp.asarray([1.0, 2.0])
-    _, record = forward_record(f, y0, a, spec)
-    n = int(record.num_accepted)
+    n, recomputed = _online_revolve_counts()
     assert n > 20
-    *_, recomputed = reverse_revolve(TSIT5, f, a, y0, record, jnp.ones(2), k, count=True)
-    assert int(recomputed) == revolve_schedule(n, k).num_recomputed_steps
+    assert recomputed[k] == revolve_schedule(n, k).num_recomputed_steps
