@@ -368,6 +368,18 @@ def test_max_steps_raises_at_run_time():
     assert bool(stats["max_steps_reached"]) and float(stats["t_final"]) < 1.0
 
 
+def test_max_steps_error_under_vmap_names_the_failing_sample():
+    # The failure report runs only when a solve failed; under vmap its condition is batched:
+    # solves where no sample fails run through, one failing sample raises with its figures.
+    solve = jax.jit(jax.vmap(lambda y, a: odeint(
+        lambda t, y, a: a * y, y, a, solver="tsit5", rtol=1e-6, atol=1e-6, max_steps=20
+    )))  # fmt: skip
+    ys = jnp.ones((3, 4))
+    assert jnp.all(jnp.isfinite(solve(ys, jnp.array([0.1, 0.2, 0.3]))))
+    with pytest.raises(Exception, match=r"max_steps=20 attempted steps \(20 accepted"):
+        jax.block_until_ready(solve(ys, jnp.array([0.1, 40.0, 0.3])))
+
+
 def test_nonfinite_error_estimate_rejects_then_fails():
     # Finite at t = 0 (the initial-step probe), NaN beyond t = 0.3.
     f = lambda t, y, a: jnp.where(t > 0.3, jnp.nan, -y)
