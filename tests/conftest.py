@@ -24,6 +24,16 @@ import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+# `jax.jit(..., compiler_options=FAST_COMPILE)` for the large float64 programs whose test
+# compares numbers (gradients vs "direct", two implementations of one model): XLA:CPU's
+# compile time of such a program is mostly LLVM optimizing its machine code (2.5-3x less
+# at level 0, measured on the NNX float64 strategy family). The level only sets LLVM's
+# optimization: the optimized HLO is the same (checked on a sqnxt training step) and so is
+# the IEEE arithmetic (no fast-math either way), so the compared values agree to round-off
+# far below the tests' tolerances. Not for tests that time the program, and the layout
+# guard (tests/test_loop_layout.py) compiles exactly as the trainer does.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
 
 @pytest.fixture
 def x64():

@@ -9,7 +9,6 @@ trainer process itself, never to a wrapper.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import random
@@ -42,16 +41,17 @@ from tests._training_helpers import (
     DETERMINISTIC,
     PY,
     REPO,
-    TINY_DIGITS,
-    cli_args,
+    RESUME_CMD,
+    RESUME_STEPS,
     records,
+    resume_env,
+    resume_reference,
     subprocess_env,
     tiny_digits,
 )
 
-OVERRIDES = {**TINY_DIGITS, "data.train_size": 512, "num_epochs": 4}  # 16 steps/epoch
-TOTAL_STEPS = 64
-CMD = [PY, str(REPO / "train.py"), "--config=configs/default.py", *cli_args(OVERRIDES)]
+TOTAL_STEPS = RESUME_STEPS
+CMD = RESUME_CMD
 SUMMARY_KEYS = (
     "final_test_accuracy",
     "best_test_accuracy",
@@ -67,16 +67,9 @@ SUMMARY_KEYS = (
 # ------------------------------------------------------------------ helpers and fixtures
 
 
-def _shared_root(tmp_path_factory) -> Path:
-    base = tmp_path_factory.getbasetemp()
-    # Under pytest-xdist each worker has its own basetemp inside the session's folder; the
-    # reference run and the compilation cache are shared there, made once.
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "faults"
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return subprocess_env(cache_dir=_shared_root(tmp_path_factory) / "jax_cache")
+    return resume_env(tmp_path_factory)
 
 
 def run_cli(workdir: Path, env: dict, cmd=CMD, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -115,18 +108,10 @@ def wait_until(pred, proc: subprocess.Popen, what: str, timeout: float = 300.0) 
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env) -> Path:
-    """Workdir of the uninterrupted run (read-only: copy it before changing anything)."""
-    root = _shared_root(tmp_path_factory)
-    root.mkdir(parents=True, exist_ok=True)
-    ref = root / "reference"
-    with open(root / "reference.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # another xdist worker waits for this run, then reuses it
-        if not (ref / "summary.json").exists():
-            shutil.rmtree(ref, ignore_errors=True)
-            r = run_cli(ref, env)
-            assert r.returncode == 0, r.stderr[-3000:]
-    return ref
+def reference(tmp_path_factory) -> Path:
+    """Workdir of the uninterrupted run (read-only: copy it before changing anything); one
+    per session, shared with tests/test_training.py."""
+    return resume_reference(tmp_path_factory)
 
 
 def assert_same_results(reference: Path, workdir: Path) -> None:

@@ -31,9 +31,11 @@ from tests._training_helpers import (
     DETERMINISTIC,
     PY,
     REPO,
-    TINY_DIGITS,
-    cli_args,
+    RESUME_CMD,
+    RESUME_STEPS,
     load_config,
+    resume_env,
+    resume_reference,
     subprocess_env,
     tiny_digits,
 )
@@ -310,12 +312,14 @@ def test_cifar10_slice_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tmp_path_factory):
     """Kill a run mid-way (after a random delay past its first checkpoint), rerun the same
-    command, and compare with an uninterrupted run: identical summary metrics and lines."""
-    overrides = {**TINY_DIGITS, "data.train_size": 512, "num_epochs": 4}  # 16 steps/epoch, 64
-    cmd = [PY, str(REPO / "train.py"), "--config=configs/default.py", *cli_args(overrides)]
-    env = subprocess_env(cache_dir=tmp_path / "jax_cache")
+    command, and compare with an uninterrupted run: identical summary metrics and lines.
+    The uninterrupted run (and the compilation cache) is the session's one, shared with
+    tests/test_fault_tolerance.py: the same command, made once."""
+    cmd = RESUME_CMD
+    env = resume_env(tmp_path_factory)
+    reference = resume_reference(tmp_path_factory)  # also fills the compilation cache
 
     def run(workdir):
         r = subprocess.run(
@@ -328,8 +332,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         )
         assert r.returncode == 0, r.stderr[-3000:]
         return r
-
-    run(tmp_path / "a")  # uninterrupted (also fills the compilation cache)
 
     wb = tmp_path / "b"
     proc = subprocess.Popen(
@@ -352,12 +354,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done = sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
-    assert done and done[-1] < 64
+    assert done and done[-1] < RESUME_STEPS
 
     r = run(wb)  # same command: resumes
     assert f"resumed from {ckdir}" in r.stdout
 
-    sa = json.loads((tmp_path / "a" / "summary.json").read_text())
+    sa = json.loads((reference / "summary.json").read_text())
     sb = json.loads((wb / "summary.json").read_text())
     for key in (
         "final_test_accuracy",
@@ -369,7 +371,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         "steps",
     ):
         assert sa[key] == sb[key], key
-    ra = [{k: r.get(k) for k in DETERMINISTIC} for r in _records(tmp_path / "a")]
+    ra = [{k: r.get(k) for k in DETERMINISTIC} for r in _records(reference)]
     rb = [{k: r.get(k) for k in DETERMINISTIC} for r in _records(wb)]
     assert ra == rb
 
