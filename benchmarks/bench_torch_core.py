@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import itertools
@@ -212,6 +213,22 @@ def jax_output(num_steps, field=None):
         return z
 
     return out
+
+
+@contextlib.contextmanager
+def pinned(input_gradient, weight_gradient):
+    """The loop-safe conv's backward formulations pinned while programs are traced."""
+    names = ("ANODE_JAX_CONV_INPUT_GRADIENT", "ANODE_JAX_CONV_WEIGHT_GRADIENT")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(zip(names, (input_gradient, weight_gradient)))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fresh_field():
@@ -395,6 +412,19 @@ def main():
     parser.add_argument("--profile_steps", type=int, default=16)
     parser.add_argument("--route_steps", type=int, default=4)
     parser.add_argument(
+        "--pin",
+        default="",
+        metavar="INPUT/WEIGHT",
+        help="add an `anode` row with the conv-gradient formulations pinned, e.g. conv/gemm",
+    )
+    parser.add_argument(
+        "--merge_from",
+        default="",
+        metavar="JSON",
+        help="keep the profile and routes of an earlier run's result file (with its machine "
+        "record) when this run skips them",
+    )
+    parser.add_argument(
         "--render_only",
         action="store_true",
         help="rewrite docs/bench_torch_core.md from the JSON result file; measure nothing",
@@ -436,6 +466,12 @@ def main():
     def write():
         _common.write_results("bench_torch_core", payload, to_markdown)
 
+    if args.merge_from:
+        with open(args.merge_from) as f:
+            earlier = json.load(f)
+        for key in ("profile", "routes"):
+            if key in earlier:
+                payload[key] = {**earlier[key], "machine": earlier["machine"]}
     z0, params = bench_core.make_problem(args.blocks)
     compiled_by_steps = {}
     for num_steps in steps:
@@ -448,6 +484,12 @@ def main():
         compile_s = {}
         for adjoint in JAX_STRATEGIES:
             compiled[adjoint], compile_s[adjoint] = compile_grad(num_steps, adjoint, z0, params)
+        if args.pin:
+            with pinned(*args.pin.split("/")):
+                label = f"anode, pinned {args.pin}"
+                compiled[label], compile_s[label] = compile_grad(
+                    num_steps, "anode", z0, params, fresh_field()
+                )
         compiled_by_steps[num_steps] = compiled
         ref = compiled["direct"](z0, params)
         check = {
@@ -461,7 +503,7 @@ def main():
             check["grad_rel_diff"][f"PyTorch {strategy}"] = rel_diff(
                 to_hwio(torch_fns[strategy]()), ref
             )
-        for adjoint in ("anode", "checkpointed:4"):
+        for adjoint in [a for a in compiled if a != "direct"]:
             check["grad_rel_diff"][f"anode-jax {adjoint}"] = rel_diff(
                 compiled[adjoint](z0, params), ref
             )
@@ -476,7 +518,7 @@ def main():
                 f"{TOLERANCE:.0e} (see docs/bench_torch_core.md)"
             )
         # -- timing, interleaved
-        fns = {f"anode-jax {a}": jax_call(compiled[a], z0, params) for a in JAX_STRATEGIES}
+        fns = {f"anode-jax {a}": jax_call(exe, z0, params) for a, exe in compiled.items()}
         fns.update({f"PyTorch {s}": fn for s, fn in torch_fns.items()})
         load_start = os.getloadavg()[0]
         rounds = args.rounds_long if num_steps >= 16 else args.rounds
@@ -537,23 +579,11 @@ def main():
                 info[f"XLA {name}"] = {"what": str(options), "compile_s": cs}
             except Exception as error:  # an option this jaxlib rejects: recorded, not fatal
                 info[f"XLA {name}"] = {"what": str(options), "error": str(error)[:200]}
-        saved = {
-            k: os.environ.get(k)
-            for k in ("ANODE_JAX_CONV_INPUT_GRADIENT", "ANODE_JAX_CONV_WEIGHT_GRADIENT")
-        }
-        try:
-            for inp, wgt in PINS:
-                os.environ["ANODE_JAX_CONV_INPUT_GRADIENT"] = inp
-                os.environ["ANODE_JAX_CONV_WEIGHT_GRADIENT"] = wgt
+        for inp, wgt in PINS:
+            with pinned(inp, wgt):
                 exe, cs = compile_grad(num_steps, "anode", z0, params, fresh_field())
-                variants[f"pin {inp}/{wgt}"] = exe
-                info[f"pin {inp}/{wgt}"] = {"what": f"input {inp}, weight {wgt}", "compile_s": cs}
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            variants[f"pin {inp}/{wgt}"] = exe
+            info[f"pin {inp}/{wgt}"] = {"what": f"input {inp}, weight {wgt}", "compile_s": cs}
         for name, exe in variants.items():
             info[name]["formulations"] = formulations(exe)
             info[name]["grad_rel_diff"] = rel_diff(exe(z0, params), variants["default"](z0, params))
