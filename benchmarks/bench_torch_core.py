@@ -613,6 +613,34 @@ def _ms(s):
     return f"{s * 1e3:,.0f} ms" if s >= 0.1 else f"{s * 1e3:.1f} ms"
 
 
+def _gradient_rows(all_rows) -> list[str]:
+    lines = []
+    for nt in sorted({r["num_steps"] for r in all_rows}):
+        rows = {r["row"]: r for r in all_rows if r["num_steps"] == nt}
+
+        def ratio(r, ref):
+            return f"{r['median_s'] / rows[ref]['median_s']:.2f}×" if ref in rows else "–"
+
+        for r in rows.values():
+            temp = f"{r['temp_bytes'] / 2**20:.1f} MiB" if "temp_bytes" in r else "–"
+            name = r["row"]
+            if "formulations" in r:
+                name += f" ({r['formulations']})"
+            lines.append(
+                f"| {nt} | {name} | {_ms(r['median_s'])} ({_ms(r['least_s'])}) | "
+                f"{ratio(r, 'anode-jax anode')} | {ratio(r, 'PyTorch direct')} | "
+                f"{ratio(r, 'PyTorch checkpoint')} | {ratio(r, 'PyTorch anode-style')} | {temp} | "
+                f"{r['load_average'][0]}, {r['load_average'][1]} |"
+            )
+    return lines
+
+
+def _earlier(section) -> list[str]:
+    if "machine" not in section:
+        return []
+    return ["", "Measured in an earlier run: " + _common.machine_header(section["machine"])]
+
+
 def to_markdown(payload) -> str:
     m, s = payload["machine"], payload["settings"]
     lines = [
@@ -663,23 +691,20 @@ def to_markdown(payload) -> str:
         "÷ PyTorch ANODE-style | compiled temp | load (start, end) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for nt in sorted({r["num_steps"] for r in payload["rows"]}):
-        rows = {r["row"]: r for r in payload["rows"] if r["num_steps"] == nt}
-
-        def ratio(r, ref):
-            return f"{r['median_s'] / rows[ref]['median_s']:.2f}×" if ref in rows else "–"
-
-        for r in rows.values():
-            temp = f"{r['temp_bytes'] / 2**20:.1f} MiB" if "temp_bytes" in r else "–"
-            name = r["row"]
-            if "formulations" in r:
-                name += f" ({r['formulations']})"
-            lines.append(
-                f"| {nt} | {name} | {_ms(r['median_s'])} ({_ms(r['least_s'])}) | "
-                f"{ratio(r, 'anode-jax anode')} | {ratio(r, 'PyTorch direct')} | "
-                f"{ratio(r, 'PyTorch checkpoint')} | {ratio(r, 'PyTorch anode-style')} | {temp} | "
-                f"{r['load_average'][0]}, {r['load_average'][1]} |"
-            )
+    lines += _gradient_rows(payload["rows"])
+    earlier = payload.get("earlier_run")
+    if earlier:
+        lines += [
+            "",
+            "### An earlier run of the same table",
+            "",
+            f"The run that measured the profile and routes below (`{earlier['settings']['command']}`), "
+            "under heavier load: " + _common.machine_header(earlier["machine"]),
+            "",
+            lines[-len(payload["rows"]) - 2],
+            lines[-len(payload["rows"]) - 1],
+        ]
+        lines += _gradient_rows(earlier["rows"])
     p = payload.get("profile")
     if p:
         cats = p["categories"]
@@ -694,6 +719,8 @@ def to_markdown(payload) -> str:
             "unprofiled twin; the sum can exceed the wall time when two ops run at once on the "
             "two cores. `YNNPACK dots` are the per-tap matrix products of a `taps`/`gemm` "
             "conv-gradient formulation (XLA's library rewriter strips their metadata).",
+            "",
+            *_earlier(p)[1:],
             "",
             "| category | time per gradient | share |",
             "|---|---|---|",
@@ -735,24 +762,12 @@ def to_markdown(payload) -> str:
                 pieces["PyTorch forward"] * counts["forward"]
                 + (pieces["PyTorch input gradient"] + pieces["PyTorch weight gradient"]) * per_pass
             )
-            anode_row = next(
-                (
-                    r
-                    for r in payload["rows"]
-                    if r["num_steps"] == nt and r["row"] == "anode-jax anode"
-                ),
-                None,
-            )
             lines += [
                 "",
                 f"Convolutions alone, with the formulations the program uses: {_ms(xla)} per "
                 "gradient"
-                + (
-                    f" ({xla / anode_row['median_s']:.0%} of the measured `anode` gradient, "
-                    f"{_ms(anode_row['median_s'])})"
-                    if anode_row
-                    else ""
-                )
+                + f" ({xla / p['wall_s']:.0%} of that run's unprofiled `anode` gradient, "
+                f"{_ms(p['wall_s'])})"
                 + f"; the same convolutions with PyTorch's kernels: {_ms(pt)}.",
             ]
     routes = payload.get("routes")
@@ -768,6 +783,7 @@ def to_markdown(payload) -> str:
             "sets passed to that compilation; pins through `ANODE_JAX_CONV_*_GRADIENT` at its "
             f"trace), timed in interleaved rounds with PyTorch rows as references; load "
             f"{routes['load_average'][0]} → {routes['load_average'][1]}.",
+            *_earlier(routes),
             "",
             "| variant | formulations | time | ÷ default | grad vs default | compile |",
             "|---|---|---|---|---|---|",
