@@ -65,7 +65,7 @@ import bench_core
 
 # PyTorch's OpenMP threads spin while they wait by default; on a machine shared with other
 # processes (2 cores here) a descheduled thread then stalls the others and a 2-thread step
-# took 5-15x longer than with passive waiting (measured 2026-11-30 at load 4-5). Passive waiting
+# took 3-18x longer than with passive waiting (measured 2026-11-30 at load 4-5). Passive waiting
 # is never slower than spinning when cores are oversubscribed; set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
