@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 from anode_jax import odeint
 from tests._ode_problems import conv_relu_field, conv_relu_problem, smooth_field, smooth_problem
-from tests.conftest import tree_allclose
+from tests.conftest import FAST_COMPILE, tree_allclose
 
 TS = (0.0, 0.3, 0.45, 1.0, 1.6)  # irregular
 # (solver, adjoint) pairs of every exact strategy; reversible needs a reversible solver.
@@ -122,14 +122,23 @@ GRADIENT_CASES = [
 ] + [("conv_relu", *pair, False) for pair in [EXACT[0], EXACT[2], EXACT[3]]]
 
 
+_DIRECT_TS_GRADIENTS = {}  # float64 only: every case below runs under the x64 fixture
+
+
 @pytest.mark.parametrize("problem,solver,adjoint,unroll", GRADIENT_CASES)
 def test_ts_gradients_of_exact_strategies_match_direct(x64, problem, unroll, solver, adjoint):
     field, make = PROBLEMS[problem]
     y0, args = make(jax.random.PRNGKey(4))
+    # Compared values, not timed ones: XLA's backend optimization level does not change the
+    # arithmetic (tests/conftest.py, FAST_COMPILE).
     grad = lambda adj: jax.jit(
-        jax.grad(_ts_loss(field, 3, solver, adj, unroll=unroll), argnums=(0, 1, 2))
+        jax.grad(_ts_loss(field, 3, solver, adj, unroll=unroll), argnums=(0, 1, 2)),
+        compiler_options=FAST_COMPILE,
     )(_ts(), y0, args)
-    got, want = grad(adjoint), grad("direct")
+    key = (problem, solver, unroll)  # one "direct" reference for the strategies of a case
+    if key not in _DIRECT_TS_GRADIENTS:
+        _DIRECT_TS_GRADIENTS[key] = grad("direct")
+    got, want = grad(adjoint), _DIRECT_TS_GRADIENTS[key]
     assert np.all(np.abs(np.asarray(want[0])) > 1e-6)  # every output time gets a gradient
     tree_allclose(got, want, rtol=1e-10, atol=1e-12)
 
@@ -209,7 +218,7 @@ def test_grad_of_grad_with_ts_equals_direct(x64, adjoint="anode"):
         grad = jax.grad(lambda ts, a: _ts_loss(smooth_field, 2, "rk4", adj)(ts, y0, a), (0, 1))
         return jax.jit(jax.grad(lambda ts, a: sum(
             jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad(ts, a)), jax.tree.leaves(vs))
-        ), (0, 1)))(_ts(), args)  # fmt: skip
+        ), (0, 1)), compiler_options=FAST_COMPILE)(_ts(), args)  # fmt: skip
 
     tree_allclose(hvp(adjoint), hvp("direct"), rtol=1e-9, atol=1e-12)
 
