@@ -84,6 +84,16 @@ def machine_header(m: dict) -> str:
     )
 
 
+def _docs_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+
+
+def read_results(stem: str) -> dict:
+    """The payload stored in docs/<stem>.json by `write_results` (to re-render or extend it)."""
+    with open(os.path.join(_docs_dir(), f"{stem}.json")) as f:
+        return json.load(f)
+
+
 def write_results(stem: str, payload: dict, markdown) -> None:
     """Writes docs/<stem>.json and docs/<stem>.md.
 
@@ -94,7 +104,7 @@ def write_results(stem: str, payload: dict, markdown) -> None:
         payload["machine"].setdefault("load_average_end", round(os.getloadavg()[0], 2))
     if callable(markdown):
         markdown = markdown(payload)
-    docs = os.path.join(os.path.dirname(__file__), "..", "docs")
+    docs = _docs_dir()
     os.makedirs(docs, exist_ok=True)
     with open(os.path.join(docs, f"{stem}.json"), "w") as f:
         json.dump(payload, f, indent=1)

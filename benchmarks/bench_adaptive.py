@@ -41,7 +41,6 @@ runs; `--render` rewrites the Markdown from the stored JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -436,11 +435,7 @@ def main():
     )  # fmt: skip
     args = parser.parse_args()
     if args.render:
-        docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
-        with open(os.path.join(docs, "bench_adaptive.json")) as f:
-            payload = json.load(f)
-        with open(os.path.join(docs, "bench_adaptive.md"), "w") as f:
-            f.write(markdown(payload))
+        _common.write_results("bench_adaptive", _common.read_results("bench_adaptive"), markdown)
         return
     payload = {"machine": _common.machine(), "repeats": args.repeats, "cases": []}
     if "diffrax" in args.sections:

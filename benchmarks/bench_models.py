@@ -28,7 +28,6 @@ Writes docs/bench_models.json and docs/bench_models.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -205,8 +204,7 @@ def main():
     )
     args = parser.parse_args()
     if args.markdown_only:
-        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "bench_models.json")) as f:
-            payload = json.load(f)
+        payload = _common.read_results("bench_models")
         _common.write_results("bench_models", payload, to_markdown(payload))
         return
     args.batch = args.batch or (16 if args.quick else 128)
@@ -215,9 +213,7 @@ def main():
 
     tx = optax.sgd(0.1, momentum=0.9)
     if args.conv_compare:
-        path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_models.json")
-        with open(path) as f:
-            payload = json.load(f)
+        payload = _common.read_results("bench_models")
         payload["conv_rows"] = measure_conv_rows(args, tx)
         import flax
 

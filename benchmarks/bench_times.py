@@ -292,9 +292,7 @@ def main():
 
     machine = _common.machine()
     if args.probe_only:
-        path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_times.json")
-        with open(path) as f:
-            payload = json.load(f)
+        payload = _common.read_results("bench_times")
         payload["probe"] = engine_probe(max(args.repeats, 5))
         _common.write_results("bench_times", payload, markdown(payload))
         return

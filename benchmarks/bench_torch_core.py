@@ -431,10 +431,9 @@ def main():
     )
     args = parser.parse_args()
     if args.render_only:
-        path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench_torch_core.json")
-        with open(path) as f:
-            payload = json.load(f)
-        _common.write_results("bench_torch_core", payload, to_markdown)
+        _common.write_results(
+            "bench_torch_core", _common.read_results("bench_torch_core"), to_markdown
+        )
         return
     steps = [int(s) for s in args.steps.split(",") if s]
     torch.set_num_threads(args.threads)
