@@ -11,6 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 from anode_jax import odeint
+from anode_jax.ode.solvers import get_solver
 from tests._ode_problems import conv_relu_field, conv_relu_problem, smooth_field, smooth_problem
 from tests.conftest import FAST_COMPILE, tree_allclose
 
@@ -25,7 +26,9 @@ EXACT = [
     ("alf", "reversible"),
     ("reversible:rk4", "anode"),
 ]
-SOLVERS = ["euler", "rk4", "reversible:rk4", "reversible_heun", "alf"]
+RK_SOLVERS = ["euler", "rk4"]
+REVERSIBLE_SOLVERS = ["reversible:rk4", "reversible_heun", "alf"]
+SOLVERS = RK_SOLVERS + REVERSIBLE_SOLVERS
 
 
 def _ts(values=TS):
@@ -54,10 +57,10 @@ def _ts_loss(field, num_steps, solver, adjoint, unroll=None):
 # --- values ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", RK_SOLVERS)
 def test_ts_outputs_are_chained_fixed_grid_solves(x64, solver):
-    """Entry 0 is y0; entry i+1 is the fixed-grid solve over [ts[i], ts[i+1]] from entry i
-    (reversible solvers re-initialise their auxiliary state at every output time)."""
+    """Runge–Kutta (no state besides y): entry 0 is y0; entry i+1 is the fixed-grid solve over
+    [ts[i], ts[i+1]] from entry i."""
     y0, args = smooth_problem(jax.random.PRNGKey(0))
     ys = jax.jit(lambda ts: odeint(smooth_field, y0, args, ts=ts, num_steps=3, solver=solver))(
         _ts()
@@ -70,14 +73,37 @@ def test_ts_outputs_are_chained_fixed_grid_solves(x64, solver):
         tree_allclose(jax.tree.map(lambda x: x[i + 1], ys), want, rtol=1e-12, atol=1e-14)
 
 
-def test_uniform_ts_is_one_solve_on_the_union_grid(x64):
-    """Runge–Kutta has no state besides y: uniform ts with N steps per interval is the same
-    trajectory as one solve with N·(n-1) steps."""
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_uniform_ts_is_one_solve_on_the_union_grid(x64, solver):
+    """Uniform ts with N steps per interval is the same trajectory as one solve with N·(n-1)
+    steps (reversible solvers carry their auxiliary state through the output times)."""
     y0, args = smooth_problem(jax.random.PRNGKey(1))
-    ys = odeint(smooth_field, y0, args, ts=jnp.linspace(0.0, 2.0, 6), num_steps=2)
+    ys = odeint(smooth_field, y0, args, ts=jnp.linspace(0.0, 2.0, 6), num_steps=2, solver=solver)
     for i in range(1, 6):
-        want = odeint(smooth_field, y0, args, t0=0.0, t1=0.4 * i, num_steps=2 * i)
+        want = odeint(smooth_field, y0, args, t0=0.0, t1=0.4 * i, num_steps=2 * i, solver=solver)
         tree_allclose(jax.tree.map(lambda x: x[i], ys), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+@pytest.mark.parametrize("solver", REVERSIBLE_SOLVERS)
+def test_reversible_ts_is_one_solve_through_every_output_time(x64, solver, unroll):
+    """Reversible solvers carry their state, auxiliary variables included, across output times:
+    the outputs are those of one fixed-grid solve in t whose step size is
+    (ts[i+1] - ts[i]) / N on interval i, here written out with the solver's own step."""
+    y0, args = smooth_problem(jax.random.PRNGKey(11))
+    num_steps = 3
+    method = get_solver(solver)
+    state = method.init(smooth_field, jnp.float64(TS[0]), y0, args)
+    want = [y0]
+    for a, b in zip(TS[:-1], TS[1:]):
+        dt = (b - a) / num_steps
+        for n in range(num_steps):
+            state = method.step(smooth_field, jnp.float64(a + n * dt), dt, state, args)
+        want.append(method.output(state))
+    want = jax.tree.map(lambda *leaves: jnp.stack(leaves), *want)
+    ys = odeint(smooth_field, y0, args, ts=_ts(), num_steps=num_steps, solver=solver,
+                unroll=unroll)  # fmt: skip
+    tree_allclose(ys, want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -206,16 +232,18 @@ def test_closed_over_tracers_get_gradients_with_ts(x64, adjoint):
                                jax.grad(loss)(args["w"], "direct"), rtol=tol, atol=tol)  # fmt: skip
 
 
-def test_grad_of_grad_with_ts_equals_direct(x64, adjoint="anode"):
+@pytest.mark.parametrize("solver,adjoint", [("rk4", "anode"), ("reversible_heun", "reversible")])
+def test_grad_of_grad_with_ts_equals_direct(x64, solver, adjoint):
     # Hessian-vector products with respect to the times and the parameters (reverse over
-    # reverse through the outputs-only backward pass, which anode and checkpointed share;
-    # grad of grad of each strategy's own backward is tested in test_first_contact.py).
+    # reverse through the outputs-only backward pass, which anode and checkpointed share, and
+    # through reversible's reconstruction across output times; grad of grad of each
+    # strategy's own backward is tested in test_first_contact.py).
     y0, args = smooth_problem(jax.random.PRNGKey(12))
     vs = (jnp.linspace(0.5, 1.5, len(TS), dtype=jnp.float64),
           jax.tree.map(lambda x: jnp.cos(x), args))  # fmt: skip
 
     def hvp(adj):
-        grad = jax.grad(lambda ts, a: _ts_loss(smooth_field, 2, "rk4", adj)(ts, y0, a), (0, 1))
+        grad = jax.grad(lambda ts, a: _ts_loss(smooth_field, 2, solver, adj)(ts, y0, a), (0, 1))
         return jax.jit(jax.grad(lambda ts, a: sum(
             jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad(ts, a)), jax.tree.leaves(vs))
         ), (0, 1)), compiler_options=FAST_COMPILE)(_ts(), args)  # fmt: skip
@@ -235,8 +263,11 @@ def _mlp_field(t, y, params):
         ("anode", "rk4", 2.25),
         ("checkpointed:2", "rk4", 2.25),
         ("backsolve", "rk4", 2.25),
-        # Plus the solver's auxiliary state at each output time (it restarts there).
-        ("reversible", "reversible:rk4", 3.25),
+        # The solver state is carried through the output times and reconstructed backwards:
+        # no per-interval state (restarting the auxiliary state per interval kept one each:
+        # 3.1 states per output).
+        ("reversible", "reversible:rk4", 2.25),
+        ("reversible", "reversible_heun", 2.25),
     ],
 )
 def test_memory_per_output_time(adjoint, solver, states_per_output):
@@ -262,12 +293,14 @@ def test_memory_per_output_time(adjoint, solver, states_per_output):
 # --- vmap: per-sample times -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adjoint", ["anode", "checkpointed:2"])
-def test_vmap_over_per_sample_ts_equals_a_loop(x64, adjoint):
+@pytest.mark.parametrize(
+    "solver,adjoint", [("rk4", "anode"), ("rk4", "checkpointed:2"), ("alf", "reversible")]
+)
+def test_vmap_over_per_sample_ts_equals_a_loop(x64, solver, adjoint):
     y0, args = smooth_problem(jax.random.PRNGKey(9))
     grids = jnp.stack([_ts(), _ts(TS) * 0.5 + 0.1, _ts(TS[::-1])])
     starts = jax.tree.map(lambda x: jnp.stack([x, -x, 0.5 * x]), y0)
-    value_and_grad = jax.value_and_grad(_ts_loss(smooth_field, 2, "rk4", adjoint), argnums=(0, 2))
+    value_and_grad = jax.value_and_grad(_ts_loss(smooth_field, 2, solver, adjoint), argnums=(0, 2))
     batched = jax.jit(jax.vmap(value_and_grad, in_axes=(0, 0, None)))(grids, starts, args)
     for i in range(3):
         one = value_and_grad(grids[i], jax.tree.map(lambda x: x[i], starts), args)

@@ -84,9 +84,9 @@ def odeint(
         (with a reversible solver) or "backsolve" (Neural ODE adjoint; approximate, baseline
         only). With `ts`, every strategy runs per interval inside one `lax.scan` and also
         stores the n outputs; "anode" and "checkpointed:K" keep nothing else per interval
-        (their backward pass reads each interval's input from the outputs), "reversible" one
-        auxiliary solver state per interval, "direct" every step. Every exact strategy supports reverse-over-reverse
-        differentiation (grad of grad, Hessian-vector products). Forward mode (`jax.jvp`,
+        (their backward pass reads each interval's input from the outputs), "reversible"
+        nothing per interval (it reconstructs backwards through every output time), "direct"
+        every step. Every exact strategy supports reverse-over-reverse differentiation (grad of grad, Hessian-vector products). Forward mode (`jax.jvp`,
         `jax.jacfwd`, `jax.linearize` on the solve) needs adjoint="direct": the other
         strategies define a custom VJP and raise a TypeError naming it; forward-over-reverse
         (`jax.jvp` of `jax.grad`, `jax.hessian`) works with every strategy.
@@ -159,16 +159,11 @@ def odeint(
             vector_field, y0, args, t0, t1, num_steps, solver, strategy, unroll,
             **adaptive_options,
         )  # fmt: skip
-    _check_fixed_step_options(solver, num_steps, adaptive_options)
-    strategy.check_solver(solver)
-    num_steps = _check_count("num_steps", num_steps, "the number of fixed solver steps")
+    num_steps = _check_fixed_solve(solver, strategy, num_steps, unroll, y0, adaptive_options)
     t0 = _check_time("t0", 0.0 if t0 is None else t0)
     t1 = _check_time("t1", 1.0 if t1 is None else t1)
     if t1 == t0:
         raise ValueError(f"t1 must differ from t0 (both are {t0}); nothing would be integrated.")
-    if unroll is not None and not isinstance(unroll, (bool, int)):
-        raise TypeError(f"unroll must be None, a bool or an int, got {type(unroll).__name__}.")
-    _check_state(y0)
     config = _Config(solver, strategy, t0, t1, num_steps, unroll)
     dynamic, static = _partition_args(args)
     return _run_cached(vector_field, y0, dynamic, static, config, strategy.name)
@@ -217,9 +212,38 @@ class _TimesConfig:
 
 
 def _solve_times(vector_field, y0, dynamic, static: _StaticArgs, config: _TimesConfig, times):
-    args = static.merge(dynamic)
     options = {name: value for name, _, value in config.options}
+    if len(times) == 1 and _times.carries_solver_state(options):
+        return _solve_times_carried(vector_field, y0, dynamic, static, options, times[0])
+    args = static.merge(dynamic)
     return _times.solve_times(odeint, vector_field, y0, args, times, options)
+
+
+def _solve_times_carried(vector_field, y0, dynamic, static: _StaticArgs, options, ts):
+    """Output times with a solver that carries an auxiliary state (the reversible ones): one
+    solve through every output time, its state carried across them (`_times.solve_carried`)."""
+    options = dict(options)
+    solver, strategy = get_solver(options.pop("solver")), get_adjoint(options.pop("adjoint"))
+    num_steps, unroll = options.pop("num_steps"), options.pop("unroll")
+    adaptive_options = {**_ADAPTIVE_DEFAULTS, **options}
+    num_steps = _check_fixed_solve(solver, strategy, num_steps, unroll, y0, adaptive_options)
+    if any(not a for a in static.is_array):
+        vector_field, args = _WithStaticArgs(vector_field, static), dynamic
+    else:
+        args = static.merge(dynamic)
+    _check_output(vector_field, jnp.zeros((), _loop.time_dtype()), y0, args)
+    return _times.solve_carried(vector_field, y0, args, ts, solver, strategy, num_steps, unroll)
+
+
+def _check_fixed_solve(solver, strategy, num_steps, unroll, y0, adaptive_options) -> int:
+    """Checks a fixed-step solve's options and y0; returns num_steps as an int."""
+    _check_fixed_step_options(solver, num_steps, adaptive_options)
+    strategy.check_solver(solver)
+    num_steps = _check_count("num_steps", num_steps, "the number of fixed solver steps")
+    if unroll is not None and not isinstance(unroll, (bool, int)):
+        raise TypeError(f"unroll must be None, a bool or an int, got {type(unroll).__name__}.")
+    _check_state(y0)
+    return num_steps
 
 
 _ADAPTIVE_DEFAULTS = dict(

@@ -13,9 +13,10 @@ approximately) without knowing about times, and the compiled program does not de
 values.
 
 Many output times: one `lax.scan` over the intervals [ts[i], ts[i+1]], whose body is the solve
-of one interval with the chosen strategy and `num_steps` steps. Each interval is one `odeint`
-call started from the previous output: solvers that carry an auxiliary state (the reversible
-ones) re-initialise it at every output time (`solver.init`, `solver.output` per interval).
+of one interval with the chosen strategy and `num_steps` steps. For Runge–Kutta methods each
+interval is one `odeint` call started from the previous output. Solvers that carry an auxiliary
+state (the reversible ones) carry it across output times instead, its rates rescaled from one
+interval's normalised time to the next (`solve_carried`): one solve through every output time.
 
 Compilation: `odeint` compiles `solve_times` once per vector field, configuration, static
 `args` leaves and shapes/dtypes, with the times as arguments of the compiled program, so eager
@@ -33,9 +34,10 @@ import numpy as np
 from jax import lax
 
 from anode_jax._typing import PyTree, VectorField
-from anode_jax.ode import _loop
-from anode_jax.ode.adjoints import get_adjoint
-from anode_jax.ode.adjoints.base import tree_add
+from anode_jax.ode import _loop, _policy
+from anode_jax.ode.adjoints import ReversibleAdjoint, SolveSpec, get_adjoint
+from anode_jax.ode.adjoints.base import forward, tree_add
+from anode_jax.ode.adjoints.reversible import reverse_steps
 from anode_jax.ode.solvers import EmbeddedTableau, get_solver
 
 
@@ -274,3 +276,162 @@ def _saved_outputs_bwd(interval, residuals, ct_ys):
 
 
 _saved_outputs.defvjp(_saved_outputs_fwd, _saved_outputs_bwd)
+
+
+# --- solvers with an auxiliary state: one solve carried through every output time ----------
+
+
+def carries_solver_state(options) -> bool:
+    """Whether a solve at many output times carries the solver state across them: solvers
+    with an auxiliary state (the reversible ones), whose state at an output time is more than
+    the output itself."""
+    try:
+        solver = get_solver(options["solver"])
+    except (TypeError, ValueError):
+        return False  # the per-interval odeint raises the clear error
+    return bool(getattr(solver, "reversible", False))
+
+
+class _Closed:
+    """g(s, y, (packed, consts)) for a closure-converted normalised field g(s, y, packed,
+    *consts): closed over no tracers, so custom VJPs may take it as a static argument."""
+
+    def __init__(self, closed):
+        self.closed = closed
+
+    def __call__(self, s, y, packed_and_consts):
+        packed, consts = packed_and_consts
+        return self.closed(s, y, packed, *consts)
+
+
+def _packed(args, consts, ts, i):
+    """The normalised field's args for the interval [ts[i], ts[i+1]]."""
+    return (args, ts[i], ts[i + 1]), consts
+
+
+def _boundary(solver, i, state, ts):
+    """The state at ts[i] carried from interval i-1's normalised time into interval i's (the
+    rates scaled by span_i / span_{i-1}); the identity at i = 0."""
+    j = jnp.maximum(i, 1)  # at i = 0 a finite dummy ratio, not selected below
+    ratio = (ts[j + 1] - ts[j]) / (ts[j] - ts[j - 1])
+    scaled = solver.rescale_time(state, ratio)
+    return jax.tree.map(lambda new, old: jnp.where(i > 0, new, old), scaled, state)
+
+
+def _boundary_inverse(solver, i, state, ts):
+    j = jnp.maximum(i, 1)
+    ratio = (ts[j] - ts[j - 1]) / (ts[j + 1] - ts[j])
+    scaled = solver.rescale_time(state, ratio)
+    return jax.tree.map(lambda new, old: jnp.where(i > 0, new, old), scaled, state)
+
+
+def solve_carried(vector_field, y0, args, ts, solver, strategy, num_steps: int, unroll):
+    """y at every entry of ts (entry 0 is y0) by one solve whose solver state, auxiliary
+    variables included, is carried from each output time to the next.
+
+    Each interval is still integrated in its own normalised time (so the program does not
+    depend on the values of ts and every strategy differentiates with respect to them); at
+    each output time the state's rates are rescaled to the next interval's time unit
+    (`solver.rescale_time`). This is the fixed-grid solve in t with step sizes
+    (ts[i+1] - ts[i]) / N, up to the order of rounding.
+
+    Strategies: "reversible" takes one custom VJP over the whole solve, which keeps only y0,
+    the final state and the inputs, and reconstructs every state backwards through the
+    intervals, adding each output's cotangent as it passes it (O(1) states besides the
+    outputs' cotangent). The others differentiate the `lax.scan` over intervals, each interval
+    by the strategy's own custom VJP."""
+    field = _Normalised(vector_field)
+    t_example = jnp.zeros((), _loop.time_dtype())
+    packed0 = (args, ts[0], ts[1])
+    closed, consts = jax.closure_convert(field, t_example, y0, packed0)
+    field, consts = _Closed(closed), tuple(consts)
+    spec = SolveSpec(
+        solver,
+        0.0,
+        1.0,
+        num_steps,
+        _policy.resolve_unroll(unroll, num_steps, field, t_example, y0, (packed0, consts)),
+    )
+    if isinstance(strategy, ReversibleAdjoint):
+        return _reversible_outputs(field, spec, y0, args, ts, consts)
+    interval = functools.partial(strategy.solve, field, spec=spec)
+    return _carried_forward(interval, field, spec, y0, args, ts, consts)[0]
+
+
+def _carried_forward(interval, field, spec, y0, args, ts, consts):
+    """(ys, final solver state): the intervals in one `lax.scan`, the state carried."""
+    solver = spec.solver
+    t0 = jnp.zeros((), _loop.time_dtype())
+    state0 = solver.init(field, t0, y0, _packed(args, consts, ts, 0))
+
+    def body(state, i):
+        state = _boundary(solver, i, state, ts)
+        state = interval(state, args=_packed(args, consts, ts, i))
+        return state, solver.output(state)
+
+    state, ys = lax.scan(body, state0, jnp.arange(ts.shape[0] - 1, dtype=jnp.int32))
+    ys = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), y0, ys)
+    return ys, state
+
+
+def _plain_solve(field, state, args, spec):
+    return forward(field, state, args, spec, unroll=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _reversible_outputs(field, spec, y0, args, ts, consts):
+    interval = functools.partial(_plain_solve, field, spec=spec)
+    return _carried_forward(interval, field, spec, y0, args, ts, consts)[0]
+
+
+def _reversible_outputs_fwd(field, spec, y0, args, ts, consts):
+    interval = functools.partial(_plain_solve, field, spec=spec)
+    ys, state = _carried_forward(interval, field, spec, y0, args, ts, consts)
+    return ys, (y0, state, args, ts, consts)
+
+
+def _reversible_outputs_bwd(field, spec, residuals, ct_ys):
+    y0, state, args, ts, consts = residuals
+    solver, n = spec.solver, ts.shape[0]
+    zeros = functools.partial(jax.tree.map, _loop.zeros_like_cotangent)
+    _, output_vjp = jax.vjp(solver.output, state)  # linear: the same map at every state
+
+    def add_output_ct(ct_state, ct_y):
+        return tree_add(ct_state, output_vjp(ct_y)[0])
+
+    ct_state = add_output_ct(zeros(state), jax.tree.map(lambda c: c[n - 1], ct_ys))
+    carry = (state, ct_state, (zeros(args), zeros(consts)), jnp.zeros_like(ts))
+    # Ties the reconstruction to the cotangent so XLA cannot hoist it into the forward pass.
+    carry = _loop.tree_barrier(*carry)
+
+    def body(k, carry):  # the interval [ts[i], ts[i + 1]], i = n - 2, ..., 0
+        state, ct_state, ct_args_consts, ct_ts = carry
+        i = n - 2 - k
+        (args_i, consts_i) = _packed(args, consts, ts, i)
+        state, ct_state, ((ct_a, ct_ta, ct_tb), ct_c) = reverse_steps(
+            field, spec, (args_i, consts_i), state, ct_state, zeros((args_i, consts_i))
+        )
+        ct_args_consts = tree_add(ct_args_consts, (ct_a, ct_c))
+        ct_ts = ct_ts.at[i].add(ct_ta).at[i + 1].add(ct_tb)
+        # Undo the boundary into interval i (the identity at i = 0), then add the cotangent
+        # of output i, the y of the state there (output 0 is y0 itself: added below).
+        previous = _boundary_inverse(solver, i, state, ts)
+        _, boundary_vjp = jax.vjp(lambda s, t: _boundary(solver, i, s, t), previous, ts)
+        ct_state, ct_t = boundary_vjp(ct_state)
+        ct_here = jax.tree.map(
+            lambda c: jnp.where(i > 0, lax.dynamic_index_in_dim(c, i, keepdims=False), 0), ct_ys
+        )
+        return previous, add_output_ct(ct_state, ct_here), ct_args_consts, ct_ts + ct_t
+
+    _, ct_state, (ct_args, ct_consts), ct_ts = lax.fori_loop(0, n - 1, body, carry)
+    # The initial state was solver.init(y0) (e.g. a vector-field evaluation at y0).
+    t0 = jnp.zeros((), _loop.time_dtype())
+    _, init_vjp = jax.vjp(
+        lambda y, a, c, t: solver.init(field, t0, y, _packed(a, c, t, 0)), y0, args, consts, ts
+    )
+    ct_y0, ct_a, ct_c, ct_t = init_vjp(ct_state)
+    ct_y0 = tree_add(ct_y0, jax.tree.map(lambda c: c[0], ct_ys))
+    return ct_y0, tree_add(ct_args, ct_a), ct_ts + ct_t, tree_add(ct_consts, ct_c)
+
+
+_reversible_outputs.defvjp(_reversible_outputs_fwd, _reversible_outputs_bwd)

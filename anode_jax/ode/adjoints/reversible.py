@@ -19,7 +19,7 @@ def _reverse_unrolled(solver, vector_field, spec: SolveSpec, args, state, ct, ct
             solver, vector_field, spec.time(n), spec.dt, state, ct, args
         )
         ct_args = tree_add(ct_args, ct_a)
-    return ct, ct_args
+    return state, ct, ct_args
 
 
 def _reverse_looped(solver, vector_field, spec: SolveSpec, args, state, ct, ct_args):
@@ -31,8 +31,15 @@ def _reverse_looped(solver, vector_field, spec: SolveSpec, args, state, ct, ct_a
         )
         return state, ct, tree_add(ct_args, ct_a)
 
-    _, ct, ct_args = lax.fori_loop(0, spec.num_steps, body, (state, ct, ct_args))
-    return ct, ct_args
+    return lax.fori_loop(0, spec.num_steps, body, (state, ct, ct_args))
+
+
+def reverse_steps(vector_field, spec: SolveSpec, args, state, ct, ct_args):
+    """(state at t0, its cotangent, ct_args + the args cotangent) from the state at t1 and its
+    cotangent: the solve's steps undone one by one by `solver.backward_step`, looped or
+    unrolled as `spec` says."""
+    reverse = _reverse_unrolled if spec.unroll else _reverse_looped
+    return reverse(spec.solver, vector_field, spec, args, state, ct, ct_args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
@@ -50,8 +57,8 @@ def _reversible_bwd(vector_field, spec, residuals, ct_state1):
     ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
     # Ties the reconstruction to the cotangent so XLA cannot hoist it into the forward pass.
     state1, ct, ct_args = _loop.tree_barrier(state1, ct_state1, ct_args)
-    reverse = _reverse_unrolled if spec.unroll else _reverse_looped
-    return reverse(spec.solver, vector_field, spec, args, state1, ct, ct_args)
+    _, ct, ct_args = reverse_steps(vector_field, spec, args, state1, ct, ct_args)
+    return ct, ct_args
 
 
 _reversible_solve.defvjp(_reversible_fwd, _reversible_bwd)

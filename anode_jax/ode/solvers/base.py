@@ -40,6 +40,19 @@ class AbstractSolver(abc.ABC):
         """y read off a solver state."""
         return state
 
+    def rescale_time(self, state: PyTree, ratio: Array) -> PyTree:
+        """The solver state after the time variable is stretched by `ratio`.
+
+        Parts of the state that are derivatives with respect to time (a cached f, a velocity)
+        are multiplied by `ratio`; values of y are unchanged. A solve at many output times
+        integrates each interval [a, b] in its own normalised time s = (t - a)/(b - a), whose
+        rates are (b - a) times those in t, and carries the state from one interval to the next
+        with ratio = (b' - a')/(b - a) (`anode_jax.ode._times`). Default: the state holds no
+        rates (Runge–Kutta: the state is y).
+        """
+        del ratio
+        return state
+
 
 class AbstractReversibleSolver(AbstractSolver):
     """A solver whose step the backward pass inverts exactly (up to round-off)."""

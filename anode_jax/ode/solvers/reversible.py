@@ -207,6 +207,10 @@ class ReversibleHeun(AbstractReversibleSolver):
     def output(self, state):
         return state[0]
 
+    def rescale_time(self, state, ratio):
+        y, yh, f = state  # f = dy/dt at ŷ: a rate
+        return (y, yh, jax.tree.map(lambda leaf: leaf * ratio.astype(leaf.dtype), f))
+
     def step(self, vector_field, t, dt, state, args):
         y, yh, f = state
         yh1 = _lin((2.0, y), (-1.0, yh), (dt, f))
@@ -283,6 +287,10 @@ class ALF(AbstractReversibleSolver):
 
     def output(self, state):
         return state[0]
+
+    def rescale_time(self, state, ratio):
+        z, v = state  # v estimates dz/dt: a rate
+        return (z, jax.tree.map(lambda leaf: leaf * ratio.astype(leaf.dtype), v))
 
     def step(self, vector_field, t, dt, state, args):
         z, v = state
