@@ -32,10 +32,12 @@ anode-jax's `"direct"` (max |a − b| / max |b|, float32; the run fails above th
 Profile (unless `--skip_profile`): for Nt = `--profile_steps` (16) and `"anode"`, XLA:CPU's per-op profile of the gradient
 grouped as in benchmarks/profile_step.py, and the block's 3×3 convolution alone (forward,
 input gradient, weight gradient; each loop-safe formulation and PyTorch's) times the number of
-each in one gradient. Routes (unless `--skip_routes`): the two cheap routes of issue 23 for
+each in one gradient. Routes (unless `--skip_routes`): three routes of issue 23 for
 `"anode"` at Nt = `--route_steps` (4) — XLA:CPU option sets (one compilation each, same process; see
-benchmarks/bench_xla_flags.py) and pinned conv-gradient formulations — timed against the
-default in interleaved rounds. Writes docs/bench_torch_core.json and .md.
+benchmarks/bench_xla_flags.py), pinned conv-gradient formulations, and the convolutions computed
+by PyTorch (oneDNN) through `jax.pure_callback` host callbacks — timed against the default in
+interleaved rounds (`--routes_only` measures only these and keeps the stored other sections).
+Writes docs/bench_torch_core.json and .md.
 """
 
 from __future__ import annotations
@@ -229,6 +231,57 @@ def pinned(input_gradient, weight_gradient):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _torch_nhwc(x):
+    """An NHWC NumPy array as an NCHW PyTorch tensor in channels-last memory (no copy)."""
+    return torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+
+
+def _torch_oihw(w):
+    return torch.from_numpy(np.asarray(w)).permute(3, 2, 0, 1).contiguous()
+
+
+def _host_conv(x, w):
+    with torch.no_grad():
+        out = F.conv2d(_torch_nhwc(x), _torch_oihw(w), padding=1)
+    return out.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _host_conv_backward(g, x, w):
+    with torch.no_grad():
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            _torch_nhwc(g), _torch_nhwc(x), _torch_oihw(w), None, [1, 1], [1, 1], [1, 1],
+            False, [0, 0], 1, [True, True, False],
+        )  # fmt: skip
+    return gx.permute(0, 2, 3, 1).contiguous().numpy(), gw.permute(2, 3, 1, 0).contiguous().numpy()
+
+
+@jax.custom_vjp
+def callback_conv(x, w):
+    """3×3 SAME convolution (NHWC, HWIO) computed by PyTorch through `jax.pure_callback`: the
+    route "a well-kept convolution library (oneDNN, inside PyTorch) called from XLA" measured
+    without building a custom call; CPU only, one host round trip per convolution."""
+    return jax.pure_callback(_host_conv, jax.ShapeDtypeStruct(x.shape, x.dtype), x, w)
+
+
+def _callback_conv_fwd(x, w):
+    return callback_conv(x, w), (x, w)
+
+
+def _callback_conv_bwd(residuals, g):
+    x, w = residuals
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
+    return jax.pure_callback(_host_conv_backward, shapes, g, x, w)
+
+
+callback_conv.defvjp(_callback_conv_fwd, _callback_conv_bwd)
+
+
+def callback_field(t, z, theta):
+    """bench_core's vector field with its convolutions through `callback_conv`."""
+    w1, w2 = theta
+    return jax.nn.relu(callback_conv(jax.nn.relu(callback_conv(z, w1)), w2))
 
 
 def fresh_field():
@@ -425,6 +478,11 @@ def main():
         "record) when this run skips them",
     )
     parser.add_argument(
+        "--routes_only",
+        action="store_true",
+        help="measure the routes only; keep the stored result file's other sections",
+    )
+    parser.add_argument(
         "--render_only",
         action="store_true",
         help="rewrite docs/bench_torch_core.md from the JSON result file; measure nothing",
@@ -465,6 +523,10 @@ def main():
     def write():
         _common.write_results("bench_torch_core", payload, to_markdown)
 
+    machine_now = payload["machine"]
+    if args.routes_only:
+        payload = _common.read_results("bench_torch_core")
+        steps, args.skip_profile = [], True
     if args.merge_from:
         with open(args.merge_from) as f:
             earlier = json.load(f)
@@ -583,6 +645,13 @@ def main():
                 exe, cs = compile_grad(num_steps, "anode", z0, params, fresh_field())
             variants[f"pin {inp}/{wgt}"] = exe
             info[f"pin {inp}/{wgt}"] = {"what": f"input {inp}, weight {wgt}", "compile_s": cs}
+        # Route 3: the convolutions computed by PyTorch (oneDNN) through host callbacks.
+        exe, cs = compile_grad(num_steps, "anode", z0, params, callback_field)
+        variants["host callback: PyTorch conv"] = exe
+        info["host callback: PyTorch conv"] = {
+            "what": "jax.pure_callback into F.conv2d / aten.convolution_backward",
+            "compile_s": cs,
+        }
         for name, exe in variants.items():
             info[name]["formulations"] = formulations(exe)
             info[name]["grad_rel_diff"] = rel_diff(exe(z0, params), variants["default"](z0, params))
@@ -600,6 +669,11 @@ def main():
                 for n, (m, lt) in timed.items()
             ],
         }
+        if args.routes_only:
+            payload["routes"]["machine"] = machine_now
+            payload["routes"]["command"] = " ".join(
+                ["benchmarks/bench_torch_core.py"] + sys.argv[1:]
+            )
         for r in payload["routes"]["rows"]:
             print(f"route {r['row']:30s} {r['median_s'] * 1e3:8.1f} ms {r.get('formulations', '')}")
         write()
@@ -637,7 +711,11 @@ def _gradient_rows(all_rows) -> list[str]:
 def _earlier(section) -> list[str]:
     if "machine" not in section:
         return []
-    return ["", "Measured in an earlier run: " + _common.machine_header(section["machine"])]
+    command = f" (`{section['command']}`)" if "command" in section else ""
+    return [
+        "",
+        f"Measured in a separate run{command}: " + _common.machine_header(section["machine"]),
+    ]
 
 
 def to_markdown(payload) -> str:
@@ -776,7 +854,7 @@ def to_markdown(payload) -> str:
         lines += [
             "",
             f"## Routes for `anode` at Nt = {routes['num_steps']} (issue 23: XLA options, pinned "
-            "formulations)",
+            "formulations, host callbacks into PyTorch's convolutions)",
             "",
             "Each variant is the same `anode` gradient compiled once in this process (XLA option "
             "sets passed to that compilation; pins through `ANODE_JAX_CONV_*_GRADIENT` at its "
