@@ -457,7 +457,7 @@ def _hoist_closure(vector_field, t_example, y0, args):
     their gradient."""
     closed_field, consts = jax.closure_convert(vector_field, t_example, y0, args)
     if consts:
-        return _WithConsts(closed_field), (args, tuple(consts))
+        return _times.WithConsts(closed_field), (args, tuple(consts))
     return vector_field, args
 
 
@@ -469,17 +469,6 @@ def _solve_adaptive(vector_field, y0, args, config: _AdaptiveConfig, t_example) 
     if config.return_stats:
         return y1, adaptive.stats(record)
     return y1
-
-
-class _WithConsts:
-    """f(t, y, (args, consts)) for a closure-converted f(t, y, args, *consts)."""
-
-    def __init__(self, closed_field):
-        self.closed_field = closed_field
-
-    def __call__(self, t, y, args_and_consts):
-        args, consts = args_and_consts
-        return self.closed_field(t, y, args, *consts)
 
 
 def _check_count(name: str, value, meaning: str) -> int:

@@ -63,6 +63,18 @@ class _Normalised:
         return jax.tree.map(lambda leaf: leaf * span.astype(jnp.result_type(leaf)), dy)
 
 
+class WithConsts:
+    """f(t, y, (args, consts)) for a closure-converted f(t, y, args, *consts): closed over no
+    tracers, so custom VJPs may take it as a static argument."""
+
+    def __init__(self, closed_field):
+        self.closed_field = closed_field
+
+    def __call__(self, t, y, args_and_consts):
+        args, consts = args_and_consts
+        return self.closed_field(t, y, args, *consts)
+
+
 def _interval(solve, vector_field, y, args, a, b, options) -> PyTree:
     """y(b) from y(a) = y: one normalised solve over [0, 1] by the fixed-interval `solve`."""
     return solve(_Normalised(vector_field), y, (args, a, b), t0=0.0, t1=1.0, **options)
@@ -292,18 +304,6 @@ def carries_solver_state(options) -> bool:
     return bool(getattr(solver, "reversible", False))
 
 
-class _Closed:
-    """g(s, y, (packed, consts)) for a closure-converted normalised field g(s, y, packed,
-    *consts): closed over no tracers, so custom VJPs may take it as a static argument."""
-
-    def __init__(self, closed):
-        self.closed = closed
-
-    def __call__(self, s, y, packed_and_consts):
-        packed, consts = packed_and_consts
-        return self.closed(s, y, packed, *consts)
-
-
 def _packed(args, consts, ts, i):
     """The normalised field's args for the interval [ts[i], ts[i+1]]."""
     return (args, ts[i], ts[i + 1]), consts
@@ -344,7 +344,7 @@ def solve_carried(vector_field, y0, args, ts, solver, strategy, num_steps: int, 
     t_example = jnp.zeros((), _loop.time_dtype())
     packed0 = (args, ts[0], ts[1])
     closed, consts = jax.closure_convert(field, t_example, y0, packed0)
-    field, consts = _Closed(closed), tuple(consts)
+    field, consts = WithConsts(closed), tuple(consts)
     spec = SolveSpec(
         solver,
         0.0,
