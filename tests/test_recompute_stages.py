@@ -116,6 +116,22 @@ def test_recompute_stages_adaptive_gradients_equal_default(x64, strategy):
     tree_allclose(gradient(make(True)), gradient(make(False)), rtol=1e-10, atol=1e-13)
 
 
+def test_recompute_stages_grad_of_grad_equals_direct(x64):
+    """Reverse over reverse (a Hessian-vector product) through the looped reversal whose step
+    VJPs differentiate `jax.checkpoint`-ed stages."""
+    y0, args = smooth_problem(jax.random.PRNGKey(3))
+    loss = lambda adjoint: _loss(smooth_field, adjoint, "final", False)
+
+    def hvp(adjoint):
+        grad = jax.grad(loss(adjoint), argnums=1)
+        return jax.jit(
+            jax.grad(lambda a: sum(jnp.vdot(g, jnp.cos(g)) for g in jax.tree.leaves(grad(y0, a)))),
+            compiler_options=FAST_COMPILE,
+        )(args)
+
+    tree_allclose(hvp(Anode(recompute_stages=True)), hvp("direct"), rtol=1e-10, atol=1e-13)
+
+
 # --- compiled memory ------------------------------------------------------------------------
 
 BATCH, WIDTH = 256, 64
