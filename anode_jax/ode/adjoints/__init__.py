@@ -14,6 +14,11 @@
 | Backsolve         | the block output y1         | integrate the adjoint ODE backwards in     | no     |
 |                   |                             | time (Chen et al. 2018, Eq. 4–5)           |        |
 
+`Anode(recompute_stages=True)` and `Checkpointed(k, recompute_stages=True)` also
+rematerialise each stage inside a backward step (class form only; no string name): one step's
+VJP then holds its stage inputs and one stage's internals, for one more vector-field
+evaluation per stage.
+
 One module per strategy; each keeps its primal, forward and backward together.
 """
 

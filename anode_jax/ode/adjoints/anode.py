@@ -9,21 +9,21 @@ import jax
 
 from anode_jax.ode import _loop, adaptive
 from anode_jax.ode.adjoints.base import AbstractAdjoint, forward
-from anode_jax.ode.adjoints.checkpointed import reverse_solve
+from anode_jax.ode.adjoints.checkpointed import check_recompute_stages, reverse_solve, stage_field
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _anode_solve(vector_field, y0, args, spec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _anode_solve(vector_field, y0, args, spec, recompute_stages):
     return forward(vector_field, y0, args, spec, unroll=False)
 
 
-def _anode_fwd(vector_field, y0, args, spec):
+def _anode_fwd(vector_field, y0, args, spec, recompute_stages):
     # A forward-only solve always loops: forward convolutions ran as fast in lax.scan as
     # unrolled on XLA:CPU, and the loop compiles in time independent of Nt.
     return forward(vector_field, y0, args, spec, unroll=False), (y0, args)
 
 
-def _anode_bwd(vector_field, spec, residuals, ct_y1):
+def _anode_bwd(vector_field, spec, recompute_stages, residuals, ct_y1):
     y0, args = residuals
     if not spec.unroll or spec.num_steps > _loop.DEFAULT_MAX_UNROLL:
         # Recompute the block storing its Nt step inputs, then backpropagate step by step (the
@@ -32,32 +32,35 @@ def _anode_bwd(vector_field, spec, residuals, ct_y1):
         # jax.checkpoint-ed steps held 154 (XLA:CPU did not reuse a loop's stacked outputs
         # across blocks). Unrolled above DEFAULT_MAX_UNROLL steps, Nt steps of internals would
         # be too many to keep.
-        return reverse_solve(vector_field, spec, y0, args, ct_y1, spec.num_steps)
+        return reverse_solve(vector_field, spec, y0, args, ct_y1, spec.num_steps, recompute_stages)
     # Unrolled short solves: differentiate the recomputed block as a whole (one extra forward
-    # pass, every step's internals alive). The barrier ties the recomputation to the incoming
+    # pass, every step's internals alive; with recompute_stages every stage input alive and
+    # one stage's internals at a time). The barrier ties the recomputation to the incoming
     # cotangent: it then runs in the backward pass, one block at a time.
     y0, args, ct_y1 = _loop.tree_barrier(y0, args, ct_y1)
-    _, vjp = jax.vjp(lambda y, a: forward(vector_field, y, a, spec), y0, args)
+    field = stage_field(vector_field, recompute_stages)
+    _, vjp = jax.vjp(lambda y, a: forward(field, y, a, spec), y0, args)
     return vjp(ct_y1)
 
 
 _anode_solve.defvjp(_anode_fwd, _anode_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _anode_adaptive(vector_field, y0, args, spec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _anode_adaptive(vector_field, y0, args, spec, recompute_stages):
     return adaptive.forward_record(vector_field, y0, args, spec)
 
 
-def _anode_adaptive_fwd(vector_field, y0, args, spec):
+def _anode_adaptive_fwd(vector_field, y0, args, spec, recompute_stages):
     y1, record = adaptive.forward_record(vector_field, y0, args, spec)
     return (y1, record), (y0, args, record)
 
 
-def _anode_adaptive_bwd(vector_field, spec, residuals, cts):
+def _anode_adaptive_bwd(vector_field, spec, recompute_stages, residuals, cts):
     y0, args, record = residuals
     top, seg = adaptive.anode_slots(spec.max_steps)
-    return adaptive.reverse_replay(spec.solver, vector_field, args, y0, record, cts[0], top, seg)
+    field = stage_field(vector_field, recompute_stages)
+    return adaptive.reverse_replay(spec.solver, field, args, y0, record, cts[0], top, seg)
 
 
 _anode_adaptive.defvjp(_anode_adaptive_fwd, _anode_adaptive_bwd)
@@ -85,13 +88,37 @@ class Anode(AbstractAdjoint):
     steps is recomputed into ⌈max_steps/⌈√max_steps⌉⌉ slots and reversed step by step. Memory:
     about 2√max_steps states whatever n; compute: one extra forward pass when n ≤ √max_steps,
     two above (`adaptive.reverse_replay`).
+
+    `recompute_stages=True` rematerialises inside each step too (Griewank's multi-level
+    checkpointing; diffrax's `RecursiveCheckpointAdjoint` does so by default): the vector
+    field is differentiated as `jax.checkpoint(f)`, so the VJP of a step holds the step's s
+    stage inputs (states) and the internals of one stage (the activations of one evaluation
+    of f) at a time, instead of the internals of all s stages together; the price is s more
+    evaluations of f (one per stage) in every backward step, one more forward pass of the
+    solve in all. It pays when f's activations are large next to the state (MLP 2→64→64→2,
+    batch 256, RK4: one step's VJP 0.60 → 0.28 MiB); on the ANODE paper's conv block it
+    saved nothing (docs/core.md). Unrolled short solves, whose block is differentiated as a
+    whole, then hold every stage input of the block and one stage's internals. Applies to
+    fixed-step solves looped and unrolled, at many output times (each interval's backward
+    pass), and to adaptive solves (each replayed step's VJP).
+
+    Attributes:
+      recompute_stages: bool, default False (the stages of a step are differentiated
+        together).
+
+    Raises:
+      ValueError: `recompute_stages` not a bool.
     """
 
+    recompute_stages: bool = False
     name = "anode"
     backward_needs_input_only = True
 
+    def __post_init__(self):
+        check_recompute_stages("Anode", self.recompute_stages)
+
     def solve_adaptive(self, vector_field, y0, args, spec):
-        return _anode_adaptive(vector_field, y0, args, spec)
+        return _anode_adaptive(vector_field, y0, args, spec, self.recompute_stages)
 
     def solve(self, vector_field, state0, args, spec):
-        return _anode_solve(vector_field, state0, args, spec)
+        return _anode_solve(vector_field, state0, args, spec, self.recompute_stages)

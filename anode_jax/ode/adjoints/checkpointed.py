@@ -199,7 +199,7 @@ def _step_vjp(step, spec: SolveSpec, n, y_n, args, ct_next, ct_args):
     return ct_y, tree_add(ct_args, ct_a)
 
 
-def _reverse_unrolled(step, spec, args, y0, ct, ct_args, schedule):
+def _reverse_unrolled(step, vjp_step, spec, args, y0, ct, ct_args, schedule):
     slots = {0: y0}
     for a in schedule:
         # The barrier ties each recomputation to the running cotangent: it then happens in the
@@ -209,13 +209,13 @@ def _reverse_unrolled(step, spec, args, y0, ct, ct_args, schedule):
             step, y, args, t0=spec.t0, dt=spec.dt, first=a.n0, last=a.n1, unroll=False
         )
         if a.vjp:
-            ct, ct_args = _step_vjp(step, spec, a.n1, y, args, ct, ct_args)
+            ct, ct_args = _step_vjp(vjp_step, spec, a.n1, y, args, ct, ct_args)
         else:
             slots[a.dst] = y
     return ct, ct_args
 
 
-def _reverse_looped(step, spec, args, y0, ct, ct_args, schedule):
+def _reverse_looped(step, vjp_step, spec, args, y0, ct, ct_args, schedule):
     """Runs `schedule` in one `lax.scan` of static length: one iteration per step evaluation
     (each recomputed step and each VJP), reading its action from the schedule's columns by a
     carried (action, offset) counter. Static trip counts keep the reversal differentiable in
@@ -241,7 +241,7 @@ def _reverse_looped(step, spec, args, y0, ct, ct_args, schedule):
 
         def backpropagate(operands):
             y, ct, ct_args = operands
-            return (y, *_step_vjp(step, spec, n, y, args, ct, ct_args))
+            return (y, *_step_vjp(vjp_step, spec, n, y, args, ct, ct_args))
 
         def advance(operands):
             y, ct, ct_args = operands
@@ -267,54 +267,68 @@ def _reverse_looped(step, spec, args, y0, ct, ct_args, schedule):
     return ct, ct_args
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _checkpointed_solve(vector_field, y0, args, spec, num_checkpoints):
+def stage_field(vector_field, recompute_stages: bool):
+    """The vector field whose step a backward pass differentiates: `jax.checkpoint`-ed when
+    `recompute_stages` (each stage's VJP then keeps only the stage's inputs and recomputes its
+    internals when its cotangent arrives), else `vector_field` itself. A forward-only call of
+    a checkpointed function is the function itself (it is rematerialised only where
+    differentiated)."""
+    return jax.checkpoint(vector_field) if recompute_stages else vector_field
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def _checkpointed_solve(vector_field, y0, args, spec, num_checkpoints, recompute_stages):
     return forward(vector_field, y0, args, spec, unroll=False)
 
 
-def _checkpointed_fwd(vector_field, y0, args, spec, num_checkpoints):
+def _checkpointed_fwd(vector_field, y0, args, spec, num_checkpoints, recompute_stages):
     # A forward-only solve always loops: forward convolutions ran as fast in lax.scan as
     # unrolled on XLA:CPU, and the loop compiles in time independent of Nt.
     return forward(vector_field, y0, args, spec, unroll=False), (y0, args)
 
 
-def reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints):
+def reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints, recompute_stages=False):
     """(ct_y0, ct_args): ct_y1 backpropagated through the solve from y0 by the revolve
-    schedule with `num_checkpoints` slots (looped or unrolled as `spec` says)."""
+    schedule with `num_checkpoints` slots (looped or unrolled as `spec` says). With
+    `recompute_stages` each step's VJP rematerialises its stages one at a time
+    (`stage_field`); the recomputed forward steps are the same either way."""
     step = spec.step_fn(vector_field)
+    vjp_step = spec.step_fn(stage_field(vector_field, True)) if recompute_stages else step
     ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
     schedule = revolve_schedule(spec.num_steps, num_checkpoints)
     # Tie the whole reversal to the incoming cotangent, so it runs in the backward pass, one
     # block at a time, and XLA cannot merge it with (or hoist it into) the forward pass.
     y0, ct, ct_args = _loop.tree_barrier(y0, ct_y1, ct_args)
     if spec.unroll:
-        return _reverse_unrolled(step, spec, args, y0, ct, ct_args, schedule)
-    return _reverse_looped(step, spec, args, y0, ct, ct_args, schedule)
+        return _reverse_unrolled(step, vjp_step, spec, args, y0, ct, ct_args, schedule)
+    return _reverse_looped(step, vjp_step, spec, args, y0, ct, ct_args, schedule)
 
 
-def _checkpointed_bwd(vector_field, spec, num_checkpoints, residuals, ct_y1):
+def _checkpointed_bwd(vector_field, spec, num_checkpoints, recompute_stages, residuals, ct_y1):
     y0, args = residuals
-    return reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints)
+    return reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints, recompute_stages)
 
 
 _checkpointed_solve.defvjp(_checkpointed_fwd, _checkpointed_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _checkpointed_adaptive(vector_field, y0, args, spec, num_checkpoints):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def _checkpointed_adaptive(vector_field, y0, args, spec, num_checkpoints, recompute_stages):
     return adaptive.forward_record(vector_field, y0, args, spec)
 
 
-def _checkpointed_adaptive_fwd(vector_field, y0, args, spec, num_checkpoints):
+def _checkpointed_adaptive_fwd(vector_field, y0, args, spec, num_checkpoints, recompute_stages):
     y1, record = adaptive.forward_record(vector_field, y0, args, spec)
     return (y1, record), (y0, args, record)
 
 
-def _checkpointed_adaptive_bwd(vector_field, spec, num_checkpoints, residuals, cts):
+def _checkpointed_adaptive_bwd(vector_field, spec, num_checkpoints, recompute_stages, residuals,
+                               cts):  # fmt: skip
     y0, args, record = residuals
     return adaptive.reverse_revolve(
-        spec.solver, vector_field, args, y0, record, cts[0], num_checkpoints
-    )
+        spec.solver, stage_field(vector_field, recompute_stages), args, y0, record, cts[0],
+        num_checkpoints,
+    )  # fmt: skip
 
 
 _checkpointed_adaptive.defvjp(_checkpointed_adaptive_fwd, _checkpointed_adaptive_bwd)
@@ -338,19 +352,46 @@ class Checkpointed(AbstractAdjoint):
     because n is known only at run time (`adaptive.reverse_revolve`: a `lax.while_loop` over
     a stack of at most k segments): at most k states whatever n and max_steps, and the
     fewest recomputations, `revolve_cost(n, k)` — the cost depends on n, not on max_steps.
+
+    `recompute_stages=True` also rematerialises inside each step (Griewank's multi-level
+    checkpointing; diffrax's `RecursiveCheckpointAdjoint` does so by default): the VJP of a
+    step then holds its s stage inputs and one stage's internals (the activations of one
+    vector-field evaluation) instead of all s stages' internals, and pays s more vector-field
+    evaluations (one per stage) in every backward step, one more forward pass of the solve in
+    all. Fixed-step solves looped and unrolled, at many output times, and adaptive solves.
+
+    Attributes:
+      num_checkpoints: k >= 1, the states alive at once in a block's backward pass.
+      recompute_stages: bool, default False (the stages of a step are differentiated
+        together).
+
+    Raises:
+      ValueError: `num_checkpoints` not an int >= 1, or `recompute_stages` not a bool.
     """
 
     num_checkpoints: int = 4
+    recompute_stages: bool = False
     name = "checkpointed"
     backward_needs_input_only = True
 
     def solve_adaptive(self, vector_field, y0, args, spec):
-        return _checkpointed_adaptive(vector_field, y0, args, spec, self.num_checkpoints)
+        return _checkpointed_adaptive(
+            vector_field, y0, args, spec, self.num_checkpoints, self.recompute_stages
+        )
 
     def __post_init__(self):
         k = self.num_checkpoints
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Checkpointed(num_checkpoints=...) must be an int >= 1, got {k!r}.")
+        check_recompute_stages("Checkpointed", self.recompute_stages)
 
     def solve(self, vector_field, state0, args, spec):
-        return _checkpointed_solve(vector_field, state0, args, spec, self.num_checkpoints)
+        return _checkpointed_solve(
+            vector_field, state0, args, spec, self.num_checkpoints, self.recompute_stages
+        )
+
+
+def check_recompute_stages(owner: str, value) -> None:
+    """Raises a ValueError naming `owner` unless `value` is a bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}(recompute_stages=...) must be True or False, got {value!r}.")
