@@ -395,8 +395,8 @@ def test_nonfinite_error_estimate_rejects_then_fails():
     "kwargs,error,match",
     [
         (dict(solver="tsit5", num_steps=8), ValueError, "takes no num_steps"),
-        (dict(solver="rk4", num_steps=8, rtol=1e-3), ValueError, "rtol apply to adaptive"),
-        (dict(solver="rk4", max_steps=10), ValueError, "max_steps apply to adaptive"),
+        (dict(solver="rk4", num_steps=8, rtol=1e-3), ValueError, "rtol applies to adaptive"),
+        (dict(solver="rk4", max_steps=10), ValueError, "max_steps applies to adaptive"),
         (dict(solver="rk4"), TypeError, "needs num_steps"),
         (dict(solver="tsit5", adjoint="reversible"), ValueError, "'reversible' has no adaptive"),
         (dict(solver="tsit5", unroll=True), ValueError, "unroll applies to fixed-step"),

@@ -9,6 +9,7 @@ MLP field's gradient drops by at least two stages' activations.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from anode_jax import odeint
@@ -211,3 +212,13 @@ def test_recompute_stages_is_part_of_the_static_configuration():
 def test_recompute_stages_must_be_a_bool(make, owner):
     with pytest.raises(ValueError, match=rf"{owner}\(recompute_stages=\.\.\.\) must be True or"):
         make()
+
+
+def test_numpy_bool_is_a_bool():
+    # np.True_ (e.g. read from a config array) is accepted and stored as Python's True, so
+    # the strategy compares and hashes equal to the one built with True.
+    for make in (Anode, lambda recompute_stages: Checkpointed(2, recompute_stages)):
+        strategy = make(recompute_stages=np.True_)
+        assert strategy.recompute_stages is True
+        assert strategy == make(recompute_stages=True)
+        assert hash(strategy) == hash(make(recompute_stages=True))

@@ -420,11 +420,30 @@ def test_ts_with_t0_or_t1_is_an_error():
         (jnp.asarray([0.0, 1.0, 1.0]), ValueError, r"strictly .* ts\[1\] = 1.0 and ts\[2\]"),
         (jnp.asarray([0.0, 1.0, 0.5]), ValueError, r"ts\[1\] = 1.0 and ts\[2\] = 0.5"),
         (jnp.asarray([0.0, jnp.nan]), ValueError, "finite"),
+        # Printed in ts's own dtype (float32 0.3, not 0.30000001192092896).
+        (jnp.asarray([0.0, 0.5, 0.3], jnp.float32), ValueError, r"ts\[2\] = 0.3 break"),
     ],
 )
 def test_bad_ts_rejected(ts, error, match):
     with pytest.raises(error, match=match):
         odeint(FIELD, Y0, None, ts=ts, num_steps=1)
+
+
+@pytest.mark.parametrize("solver", ["rk4", "alf"])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(dt0=0.1), r"dt0 applies to adaptive solvers only; .* or drop dt0\."),
+        (dict(rtol=1e-5, atol=1e-6), r"rtol, atol apply to adaptive solvers .* drop rtol, atol\."),
+    ],
+)
+def test_adaptive_options_with_ts_and_a_fixed_step_solver_rejected(solver, options, match):
+    """With `ts` and a fixed-step solver (Runge–Kutta, or a reversible one, whose solve is
+    carried through the output times) adaptive options get the fixed-step error, which names
+    every one given and the adaptive solvers."""
+    with pytest.raises(ValueError, match=match):
+        odeint(FIELD, Y0, None, ts=jnp.asarray([0.0, 0.5, 1.0]), num_steps=2, solver=solver,
+               adjoint="reversible" if solver == "alf" else "anode", **options)  # fmt: skip
 
 
 def test_traced_integer_time_rejected():

@@ -255,10 +255,11 @@ _ADAPTIVE_DEFAULTS = dict(
 def _check_fixed_step_options(solver, num_steps, adaptive_options) -> None:
     given = [k for k, v in adaptive_options.items() if v is not _ADAPTIVE_DEFAULTS[k]]
     if given:
+        names = ", ".join(given)
         raise ValueError(
-            f"odeint: {', '.join(given)} apply to adaptive solvers only; solver "
-            f"{solver.name!r} takes fixed steps (num_steps). Use an adaptive solver "
-            f"({adaptive_solver_names()}) or drop {given[0]}."
+            f"odeint: {names} {'apply' if len(given) > 1 else 'applies'} to adaptive solvers "
+            f"only; solver {solver.name!r} takes fixed steps (num_steps). Use an adaptive "
+            f"solver ({adaptive_solver_names()}) or drop {names}."
         )
     if num_steps is None:
         raise TypeError(

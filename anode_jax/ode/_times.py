@@ -123,11 +123,19 @@ def check_ts(ts):
         steps = np.diff(values)
         if not (np.all(steps > 0) or np.all(steps < 0)):
             bad = int(np.flatnonzero(steps * np.sign(steps[0]) <= 0)[0]) if steps[0] else 0
+            shown = np.asarray(ts)  # printed in ts's own dtype (0.3, not 0.30000001192…)
             raise ValueError(
                 f"ts must be strictly increasing or strictly decreasing; ts[{bad}] = "
-                f"{values[bad]} and ts[{bad + 1}] = {values[bad + 1]} break the order."
+                f"{shown[bad]!s} and ts[{bad + 1}] = {shown[bad + 1]!s} break the order."
             )
     return jnp.asarray(ts).astype(_loop.time_dtype())
+
+
+def _is_adaptive(solver) -> bool:
+    try:
+        return isinstance(get_solver(solver), EmbeddedTableau)
+    except (TypeError, ValueError):
+        return False  # odeint raises the clear error
 
 
 def prepare_times(
@@ -156,15 +164,15 @@ def prepare_times(
     # error estimates equal those on [a, b] (a step σ on g is the step (b − a)σ on f), so
     # the controller accepts the same steps; it restarts (Hairer's initial step) at every
     # output time. Step sizes given in units of t cannot be normalised here.
-    for name in ("dt0", "controller"):
-        if adaptive_options.get(name) is not None:
-            raise ValueError(
-                f"odeint: {name} (step sizes in units of t) is not supported with ts or traced "
-                "t0/t1; pass rtol/atol/max_steps only."
-            )
-    options.update(
-        {k: v for k, v in adaptive_options.items() if v is not None and k != "controller"}
-    )
+    given = [name for name in ("dt0", "controller") if adaptive_options.get(name) is not None]
+    if given and _is_adaptive(solver):
+        raise ValueError(
+            f"odeint: {given[0]} (step sizes in units of t) is not supported with ts or traced "
+            "t0/t1; pass rtol/atol/max_steps only."
+        )
+    # With a fixed-step solver every adaptive option passes on, and the fixed-step check
+    # names it as an option of adaptive solvers only.
+    options.update({k: v for k, v in adaptive_options.items() if v is not None})
     if ts is None:
         a = _scalar_time("t0", 0.0 if t0 is None else t0)
         b = _scalar_time("t1", 1.0 if t1 is None else t1)

@@ -115,7 +115,8 @@ class Anode(AbstractAdjoint):
     backward_needs_input_only = True
 
     def __post_init__(self):
-        check_recompute_stages("Anode", self.recompute_stages)
+        stages = check_recompute_stages("Anode", self.recompute_stages)
+        object.__setattr__(self, "recompute_stages", stages)
 
     def solve_adaptive(self, vector_field, y0, args, spec):
         return _anode_adaptive(vector_field, y0, args, spec, self.recompute_stages)

@@ -383,7 +383,8 @@ class Checkpointed(AbstractAdjoint):
         k = self.num_checkpoints
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Checkpointed(num_checkpoints=...) must be an int >= 1, got {k!r}.")
-        check_recompute_stages("Checkpointed", self.recompute_stages)
+        stages = check_recompute_stages("Checkpointed", self.recompute_stages)
+        object.__setattr__(self, "recompute_stages", stages)
 
     def solve(self, vector_field, state0, args, spec):
         return _checkpointed_solve(
@@ -391,7 +392,9 @@ class Checkpointed(AbstractAdjoint):
         )
 
 
-def check_recompute_stages(owner: str, value) -> None:
-    """Raises a ValueError naming `owner` unless `value` is a bool."""
-    if not isinstance(value, bool):
+def check_recompute_stages(owner: str, value) -> bool:
+    """`value` as a Python bool; a ValueError naming `owner` unless it is a bool (Python's or
+    NumPy's)."""
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{owner}(recompute_stages=...) must be True or False, got {value!r}.")
+    return bool(value)
