@@ -73,6 +73,8 @@ def odeint(
         [ts[i], ts[i+1]] takes `num_steps` steps, so steps land on every output time (as
         diffrax's `SaveAt(ts=ts)` with `StepTo` on that grid; torchdiffeq's fixed-grid
         solvers take one step per interval of its time vector by default, num_steps=1 here).
+        Solvers with an auxiliary state (the reversible ones) carry it through the output
+        times: the outputs are one solve's, with step (ts[i+1] - ts[i]) / num_steps.
       num_steps: Nt >= 1 fixed steps of size (t1 - t0) / Nt (per interval of `ts`); required
         by fixed-step solvers, refused by adaptive ones.
       solver: "euler", "midpoint" (RK2), "heun", "rk4", any explicit ButcherTableau, or
