@@ -88,8 +88,9 @@ def odeint(
         stores the n outputs; "anode" and "checkpointed:K" keep nothing else per interval
         (their backward pass reads each interval's input from the outputs), "reversible"
         nothing per interval (it reconstructs backwards through every output time), "direct"
-        every step. Every exact strategy supports reverse-over-reverse differentiation (grad of grad, Hessian-vector products). Forward mode (`jax.jvp`,
-        `jax.jacfwd`, `jax.linearize` on the solve) needs adjoint="direct": the other
+        every step. Every exact strategy supports reverse-over-reverse differentiation (grad
+        of grad, Hessian-vector products). Forward mode (`jax.jvp`, `jax.jacfwd`,
+        `jax.linearize` on the solve) needs adjoint="direct": the other
         strategies define a custom VJP and raise a TypeError naming it; forward-over-reverse
         (`jax.jvp` of `jax.grad`, `jax.hessian`) works with every strategy.
       unroll: unroll the time loop (True), loop with `lax.scan` (False: program size and compile
@@ -229,10 +230,7 @@ def _solve_times_carried(vector_field, y0, dynamic, static: _StaticArgs, options
     num_steps, unroll = options.pop("num_steps"), options.pop("unroll")
     adaptive_options = {**_ADAPTIVE_DEFAULTS, **options}
     num_steps = _check_fixed_solve(solver, strategy, num_steps, unroll, y0, adaptive_options)
-    if any(not a for a in static.is_array):
-        vector_field, args = _WithStaticArgs(vector_field, static), dynamic
-    else:
-        args = static.merge(dynamic)
+    vector_field, args = _bind_static(vector_field, dynamic, static)
     _check_output(vector_field, jnp.zeros((), _loop.time_dtype()), y0, args)
     return _times.solve_carried(vector_field, y0, args, ts, solver, strategy, num_steps, unroll)
 
@@ -380,6 +378,14 @@ def _partition_args(args) -> tuple[list, _StaticArgs]:
     return dynamic, _StaticArgs(treedef, is_array, static, tuple(map(type, static)))
 
 
+def _bind_static(vector_field, dynamic: list, static: _StaticArgs):
+    """(field, args) for a solve: with static leaves in args, the field fills them in and
+    takes only the array leaves; otherwise the field itself and the merged args."""
+    if any(not a for a in static.is_array):
+        return _WithStaticArgs(vector_field, static), dynamic
+    return vector_field, static.merge(dynamic)
+
+
 class _WithStaticArgs:
     """f(t, y, array leaves of args) for f(t, y, args) with the static leaves filled in."""
 
@@ -430,11 +436,7 @@ def _cached_solve(vector_field, config, static: _StaticArgs, solve_fn=None):
 
 def _solve(vector_field, y0, dynamic, static: _StaticArgs, config: _Config) -> PyTree:
     """The solve itself: output check, loop policy, closure conversion, strategy."""
-    if any(not a for a in static.is_array):
-        vector_field = _WithStaticArgs(vector_field, static)
-        args = dynamic
-    else:
-        args = static.merge(dynamic)
+    vector_field, args = _bind_static(vector_field, dynamic, static)
     t_example = jnp.zeros((), _loop.time_dtype())
     _check_output(vector_field, t_example, y0, args)
     if isinstance(config, _AdaptiveConfig):

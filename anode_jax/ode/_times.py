@@ -131,11 +131,17 @@ def check_ts(ts):
     return jnp.asarray(ts).astype(_loop.time_dtype())
 
 
-def _is_adaptive(solver) -> bool:
+def _known_solver(solver):
+    """The solver object for a name or instance, or None when it is not one (odeint raises
+    the clear error for it later)."""
     try:
-        return isinstance(get_solver(solver), EmbeddedTableau)
+        return get_solver(solver)
     except (TypeError, ValueError):
-        return False  # odeint raises the clear error
+        return None
+
+
+def _is_adaptive(solver) -> bool:
+    return isinstance(_known_solver(solver), EmbeddedTableau)
 
 
 def prepare_times(
@@ -218,10 +224,15 @@ def _outputs_are_residuals(options) -> bool:
     fixed-step solve whose strategy's backward pass needs only each interval's input (anode,
     checkpointed), and each interval's input is the previous output."""
     try:
-        adjoint, solver = get_adjoint(options["adjoint"]), get_solver(options["solver"])
+        adjoint = get_adjoint(options["adjoint"])
     except (TypeError, ValueError):
         return False  # the per-interval odeint raises the clear error
-    return adjoint.backward_needs_input_only and not isinstance(solver, EmbeddedTableau)
+    solver = _known_solver(options["solver"])
+    return (
+        adjoint.backward_needs_input_only
+        and solver is not None
+        and not isinstance(solver, EmbeddedTableau)
+    )
 
 
 def _outputs_only_solve(solve, vector_field, y0, args, ts, options):
@@ -305,11 +316,7 @@ def carries_solver_state(options) -> bool:
     """Whether a solve at many output times carries the solver state across them: solvers
     with an auxiliary state (the reversible ones), whose state at an output time is more than
     the output itself."""
-    try:
-        solver = get_solver(options["solver"])
-    except (TypeError, ValueError):
-        return False  # the per-interval odeint raises the clear error
-    return bool(getattr(solver, "reversible", False))
+    return bool(getattr(_known_solver(options["solver"]), "reversible", False))
 
 
 def _packed(args, consts, ts, i):
@@ -317,18 +324,12 @@ def _packed(args, consts, ts, i):
     return (args, ts[i], ts[i + 1]), consts
 
 
-def _boundary(solver, i, state, ts):
+def _boundary(solver, i, state, ts, inverse=False):
     """The state at ts[i] carried from interval i-1's normalised time into interval i's (the
-    rates scaled by span_i / span_{i-1}); the identity at i = 0."""
+    rates scaled by span_i / span_{i-1}), or back with `inverse`; the identity at i = 0."""
     j = jnp.maximum(i, 1)  # at i = 0 a finite dummy ratio, not selected below
-    ratio = (ts[j + 1] - ts[j]) / (ts[j] - ts[j - 1])
-    scaled = solver.rescale_time(state, ratio)
-    return jax.tree.map(lambda new, old: jnp.where(i > 0, new, old), scaled, state)
-
-
-def _boundary_inverse(solver, i, state, ts):
-    j = jnp.maximum(i, 1)
-    ratio = (ts[j] - ts[j - 1]) / (ts[j + 1] - ts[j])
+    span, previous_span = ts[j + 1] - ts[j], ts[j] - ts[j - 1]
+    ratio = previous_span / span if inverse else span / previous_span
     scaled = solver.rescale_time(state, ratio)
     return jax.tree.map(lambda new, old: jnp.where(i > 0, new, old), scaled, state)
 
@@ -423,7 +424,7 @@ def _reversible_outputs_bwd(field, spec, residuals, ct_ys):
         ct_ts = ct_ts.at[i].add(ct_ta).at[i + 1].add(ct_tb)
         # Undo the boundary into interval i (the identity at i = 0), then add the cotangent
         # of output i, the y of the state there (output 0 is y0 itself: added below).
-        previous = _boundary_inverse(solver, i, state, ts)
+        previous = _boundary(solver, i, state, ts, inverse=True)
         _, boundary_vjp = jax.vjp(lambda s, t: _boundary(solver, i, s, t), previous, ts)
         ct_state, ct_t = boundary_vjp(ct_state)
         ct_here = jax.tree.map(
