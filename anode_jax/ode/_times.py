@@ -236,20 +236,39 @@ def _outputs_are_residuals(options) -> bool:
 
 
 def _outputs_only_solve(solve, vector_field, y0, args, ts, options):
-    """y at every entry of ts, differentiated with the outputs as the only residuals.
+    """y at every entry of ts, differentiated with O(log n) states as residuals.
 
     Reverse-mode through a `lax.scan` of interval solves would stack each interval's input as
-    a residual: a second copy of the n outputs. Here the backward pass reads interval i's input
-    from the outputs (ys[i]) and takes the interval's VJP by its own strategy (which recomputes
-    it from that input), adding the cotangent of ys[i] as it passes it. Memory: the outputs,
-    their cotangent and one interval's working set. Values captured by closure (tracers of an
-    enclosing trace) are hoisted into the differentiated inputs first."""
+    a residual: a second copy of the n outputs. Here the forward pass keeps the inputs of the
+    first intervals of `output_segments(n - 1)` (segments of 1, 2, 4, ... intervals counted
+    from the end, about log₂ n states). The backward pass walks the segments in reverse:
+    it recomputes a segment's interval inputs from its checkpoint, writing them into the
+    slots of the output cotangent that the later segments have already consumed (a segment
+    is never longer than those slots), then takes each interval's VJP by the interval's own
+    strategy (which recomputes the interval from its input), adding the cotangent of ys[i]
+    as it passes it. Memory: the outputs' cotangent, about log₂ n states and one interval's
+    working set; compute: one more forward pass of the intervals than keeping every output.
+    Values captured by closure (tracers of an enclosing trace) are hoisted into the
+    differentiated inputs first."""
 
     def interval(y, args, a, b):
         return _interval(solve, vector_field, y, args, a, b, options)
 
     closed, consts = jax.closure_convert(interval, y0, args, ts[0], ts[1])
     return _saved_outputs(closed, y0, args, ts, tuple(consts))
+
+
+def output_segments(num_intervals: int) -> tuple[tuple[int, int], ...]:
+    """(first interval, length) of each segment, last segment first: lengths 1, 2, 4, ...
+    from the end (the first segment takes the rest), so a segment's length never exceeds
+    1 + the number of intervals after it, the output-cotangent slots free when it is
+    reversed."""
+    segments, remaining = [], num_intervals
+    while remaining > 0:
+        length = min(num_intervals - remaining + 1, remaining)
+        remaining -= length
+        segments.append((remaining, length))
+    return tuple(segments)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -276,34 +295,88 @@ def _forward_outputs(interval, y0, args, ts, consts):
 
 def _saved_outputs_fwd(interval, y0, args, ts, consts):
     ys = _forward_outputs(interval, y0, args, ts, consts)
-    return ys, (ys, args, ts, consts)
+    firsts = np.array([first for first, _ in output_segments(ts.shape[0] - 1)], np.int32)
+    checkpoints = jax.tree.map(lambda b: b[firsts], ys)
+    return ys, (checkpoints, args, ts, consts)
+
+
+def _read(buffer, index):
+    return jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, index, keepdims=False), buffer)
+
+
+def _write(buffer, index, value):
+    return jax.tree.map(
+        lambda b, v: lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), index, 0),
+        buffer,
+        value,
+    )
 
 
 def _saved_outputs_bwd(interval, residuals, ct_ys):
-    ys, args, ts, consts = residuals
+    checkpoints, args, ts, consts = residuals
     n = ts.shape[0]
+    segments = output_segments(n - 1)
+    longest = max(length for _, length in segments)
     zeros = functools.partial(jax.tree.map, _loop.zeros_like_cotangent)
-    last = jax.tree.map(lambda c: c[n - 1], ct_ys)
 
-    def body(carry, i):  # i = n - 2, ..., 0: the interval [ts[i], ts[i + 1]]
-        ct_y, ct_args, ct_consts, ct_ts = carry
-        y_in = jax.tree.map(lambda b: lax.dynamic_index_in_dim(b, i, keepdims=False), ys)
-        # Only the VJP is used: the interval's primal output is dead code (each strategy's
-        # backward recomputes from y_in), and XLA removes it.
-        _, vjp = jax.vjp(
-            lambda y, a, ta, tb, c: interval(y, a, ta, tb, *c), y_in, args, ts[i], ts[i + 1], consts
+    def segment_body(carry, segment):
+        first, length, start = segment
+        free = first + length  # slots free + 0, ..., free + length - 1 hold the inputs
+
+        def recompute(state, j):  # the input of interval first + j + 1, if in the segment
+            def step(state):
+                y, buffer = state
+                i = first + j
+                y = interval(y, args, ts[i], ts[i + 1], *consts)
+                return y, _write(buffer, free + j + 1, y)
+
+            return lax.cond(j + 1 < length, step, _same, state), None
+
+        ct_y, ct_args, ct_consts, ct_ts, buffer = carry
+        buffer = _write(buffer, free, start)
+        (_, buffer), _ = lax.scan(
+            recompute, (start, buffer), jnp.arange(longest - 1, dtype=jnp.int32)
         )
-        ct_in, ct_a, ct_ta, ct_tb, ct_c = vjp(ct_y)
-        ct_here = jax.tree.map(lambda c: lax.dynamic_index_in_dim(c, i, keepdims=False), ct_ys)
-        ct_y = jax.tree.map(jnp.add, ct_in, ct_here)
-        ct_ts = ct_ts.at[i].add(ct_ta).at[i + 1].add(ct_tb)
-        return (ct_y, tree_add(ct_args, ct_a), tree_add(ct_consts, ct_c), ct_ts), None
 
-    carry = (last, zeros(args), zeros(consts), jnp.zeros_like(ts))
-    (ct_y0, ct_args, ct_consts, ct_ts), _ = lax.scan(
-        body, carry, jnp.arange(n - 1, dtype=jnp.int32), reverse=True
+        def reverse(carry, j):  # the interval [ts[i], ts[i + 1]], i = first + j
+            def step(carry):
+                ct_y, ct_args, ct_consts, ct_ts, buffer = carry
+                i = first + j
+                # Only the VJP is used: the interval's primal output is dead code (each
+                # strategy's backward recomputes from its input), and XLA removes it.
+                _, vjp = jax.vjp(
+                    lambda y, a, ta, tb, c: interval(y, a, ta, tb, *c),
+                    _read(buffer, free + j),
+                    args,
+                    ts[i],
+                    ts[i + 1],
+                    consts,
+                )
+                ct_in, ct_a, ct_ta, ct_tb, ct_c = vjp(ct_y)
+                ct_y = jax.tree.map(jnp.add, ct_in, _read(buffer, i))
+                ct_ts = ct_ts.at[i].add(ct_ta).at[i + 1].add(ct_tb)
+                return ct_y, tree_add(ct_args, ct_a), tree_add(ct_consts, ct_c), ct_ts, buffer
+
+            return lax.cond(j < length, step, _same, carry), None
+
+        carry = (ct_y, ct_args, ct_consts, ct_ts, buffer)
+        carry, _ = lax.scan(reverse, carry, jnp.arange(longest, dtype=jnp.int32), reverse=True)
+        return carry, None
+
+    # The cotangent buffer is carried and overwritten slot by slot: ct_ys[i] is read when
+    # interval i is reversed, after which its slot holds recomputed states.
+    carry = (_read(ct_ys, n - 1), zeros(args), zeros(consts), jnp.zeros_like(ts), ct_ys)
+    xs = (
+        jnp.array([first for first, _ in segments], jnp.int32),
+        jnp.array([length for _, length in segments], jnp.int32),
+        checkpoints,
     )
+    (ct_y0, ct_args, ct_consts, ct_ts, _), _ = lax.scan(segment_body, carry, xs)
     return ct_y0, ct_args, ct_ts, ct_consts
+
+
+def _same(value):
+    return value
 
 
 _saved_outputs.defvjp(_saved_outputs_fwd, _saved_outputs_bwd)
