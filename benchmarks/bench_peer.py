@@ -23,15 +23,25 @@ Rows per network:
   `odesolver` (`use_reentrant=False`), or `odesolver` with plain autograd. torch runs with
   `torch.set_num_threads(2)` and `OMP_WAIT_POLICY=PASSIVE` unless set (spin-waiting OpenMP
   threads stall on a shared machine; see docs/bench_torch_core.md), default (NCHW) tensors
-  as the original code; the code's construction-time prints are silenced.
+  as the original code; the code's construction-time prints are silenced. One change at run
+  time: the original SqueezeNext transition block adds its shortcut in place into a ReLU
+  output, whose backward current torch refuses; the same sum is computed out of place.
 
 The PyTorch side runs in its own subprocess (so its threads never compete with XLA's), driven
 step by step from this process: every round times one step of each row, anode-jax and
-PyTorch alike, in a rotating order, while the other process waits; one warm-up step of each
-row first. Time: median of `--repeats` rounds, least in brackets. Every ratio (anode-jax ÷
-each PyTorch row) is between figures of this run; the load average (1 min) is recorded at
-the start and end of each network and of the run. Without torch or without the peer code
-the script says so in one line and writes the anode-jax rows only.
+PyTorch alike, back to back in a rotating order while the other process waits; one warm-up
+step of each row first. Time: median of `--repeats` rounds, least in brackets. Ratio
+(anode-jax ÷ each PyTorch row): the median over the rounds of the two steps' ratio within a
+round, the range in brackets; only figures of this run. The load average (1 min) is recorded
+at the start and end of each network and of the run. The three PyTorch rows start from the
+same weights and batch, so their losses must agree at every step (recorded: equal gradients).
+Without torch or without the peer code the script says so in one line and writes the
+anode-jax rows only. `--keep_previous` keeps the runs already in docs/bench_peer.json as
+"other runs" of the new file (each with its own machine header).
+
+Figures and the verdict against issue 23 on the 2-core AMD EPYC (AVX2, no AVX-512) of
+2026-11-30: docs/benchmarks.md, section "The papers' networks against the original PyTorch
+code" (sqnxt no slower than the original code, resnet 1.11-1.26x slower).
 
 Writes docs/bench_peer.json and docs/bench_peer.md.
 """
