@@ -4,8 +4,6 @@ Every exact strategy is compared with "direct" (float64, rtol 1e-10) and "direct
 finite differences; values are compared with the fixed-grid path of `odeint` (Python times).
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,6 @@ import pytest
 from jax.test_util import check_grads
 
 from anode_jax import odeint
-from anode_jax.ode._times import output_segments
 from anode_jax.ode.solvers import get_solver
 from tests._ode_problems import conv_relu_field, conv_relu_problem, smooth_field, smooth_problem
 from tests.conftest import FAST_COMPILE, tree_allclose
@@ -302,23 +299,25 @@ def test_memory_per_output_time(adjoint, solver, loss_kind, states_per_output):
     assert growth <= states_per_output, growth
 
 
-@pytest.mark.parametrize("num_intervals", [1, 2, 3, 4, 7, 8, 99, 999, 4096])
-def test_output_segments_fit_the_consumed_cotangent_slots(num_intervals):
-    # The backward pass of a solve at many output times writes a segment's recomputed
-    # interval inputs into the output-cotangent slots after the segment: there must be as
-    # many as the segment is long, and the number of checkpoints is logarithmic.
-    segments = output_segments(num_intervals)
-    assert [first for first, _ in segments] == sorted(
-        (first for first, _ in segments), reverse=True
-    )
-    covered, later = [], 0
-    for first, length in segments:
-        assert length >= 1 and first + length + length - 1 <= num_intervals
-        assert length <= later + 1
-        covered += range(first, first + length)
-        later += length
-    assert sorted(covered) == list(range(num_intervals))
-    assert len(segments) <= math.ceil(math.log2(num_intervals + 1)) + 1
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 9, 17, 40])
+def test_ts_gradients_equal_direct_for_every_number_of_outputs(x64, n):
+    # anode and checkpointed keep the inputs of segments of 1, 2, 4, ... intervals from the
+    # end and recompute the rest into the consumed slots of the outputs' cotangent: these n
+    # give 1 to 6 segments, full and partial first segments. Irregular times, pytree state,
+    # a loss weighting every output differently.
+    y0, args = smooth_problem(jax.random.PRNGKey(n))
+    ts = jnp.sort(jax.random.uniform(jax.random.PRNGKey(100 + n), (n,), jnp.float64)) * 2.0
+
+    def loss(ts, y0, args, adjoint):
+        ys = odeint(smooth_field, y0, args, ts=ts, num_steps=2, solver="rk4", adjoint=adjoint)
+        weights = jnp.arange(1.0, n + 1.0)
+        return sum(jnp.sum(jnp.sin(leaf) * weights.reshape((n,) + (1,) * (leaf.ndim - 1)))
+                   for leaf in jax.tree.leaves(ys))  # fmt: skip
+
+    grad = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)
+    expected = grad(ts, y0, args, "direct")
+    for adjoint in ("anode", "checkpointed:2"):
+        tree_allclose(grad(ts, y0, args, adjoint), expected, rtol=1e-10, atol=1e-12)
 
 
 # --- vmap: per-sample times -----------------------------------------------------------------

@@ -84,12 +84,13 @@ def odeint(
       adjoint: gradient strategy: "anode" (default: exact, O(L)+O(Nt) memory), "direct",
         "checkpointed:K" / Checkpointed(K) (exact, at most K states of a block), "reversible"
         (with a reversible solver) or "backsolve" (Neural ODE adjoint; approximate, baseline
-        only). With `ts`, every strategy runs per interval inside one `lax.scan`;
-        "anode" and "checkpointed:K" keep about log2(n) interval inputs as checkpoints (their
+        only). With `ts`, every strategy runs per interval inside one `lax.scan`; "anode"
+        and "checkpointed:K" keep about log2(n) interval inputs as checkpoints (their
         backward pass recomputes the rest into the consumed slots of the outputs' cotangent,
         one more forward pass), "reversible" nothing per interval (it reconstructs backwards
-        through every output time), "backsolve" the outputs, "direct" every step. Every exact strategy supports reverse-over-reverse differentiation (grad
-        of grad, Hessian-vector products). Forward mode (`jax.jvp`, `jax.jacfwd`,
+        through every output time), "backsolve" the outputs, "direct" every step. Every
+        exact strategy supports reverse-over-reverse differentiation (grad of grad,
+        Hessian-vector products). Forward mode (`jax.jvp`, `jax.jacfwd`,
         `jax.linearize` on the solve) needs adjoint="direct": the other
         strategies define a custom VJP and raise a TypeError naming it; forward-over-reverse
         (`jax.jvp` of `jax.grad`, `jax.hessian`) works with every strategy.

@@ -199,8 +199,8 @@ def solve_times(solve, vector_field: VectorField, y0: PyTree, args: PyTree, time
     if len(times) == 2:
         return _interval(solve, vector_field, y0, args, *times, options)
     (ts,) = times
-    if _outputs_are_residuals(options):
-        return _outputs_only_solve(solve, vector_field, y0, args, ts, options)
+    if _checkpoints_interval_inputs(options):
+        return _checkpointed_outputs_solve(solve, vector_field, y0, args, ts, options)
     return_stats = options.get("return_stats", False)
 
     def body(y, interval):
@@ -219,10 +219,11 @@ def solve_times(solve, vector_field: VectorField, y0: PyTree, args: PyTree, time
     return ys, combined
 
 
-def _outputs_are_residuals(options) -> bool:
-    """Whether the outputs can serve as the only residuals of a solve at many times: a
-    fixed-step solve whose strategy's backward pass needs only each interval's input (anode,
-    checkpointed), and each interval's input is the previous output."""
+def _checkpoints_interval_inputs(options) -> bool:
+    """Whether a solve at many times can keep a few interval inputs as its only residuals
+    (`_checkpointed_outputs_solve`): a fixed-step solve whose strategy's backward pass needs
+    only each interval's input (anode, checkpointed), each interval's input being the
+    previous output."""
     try:
         adjoint = get_adjoint(options["adjoint"])
     except (TypeError, ValueError):
@@ -235,7 +236,7 @@ def _outputs_are_residuals(options) -> bool:
     )
 
 
-def _outputs_only_solve(solve, vector_field, y0, args, ts, options):
+def _checkpointed_outputs_solve(solve, vector_field, y0, args, ts, options):
     """y at every entry of ts, differentiated with O(log n) states as residuals.
 
     Reverse-mode through a `lax.scan` of interval solves would stack each interval's input as
@@ -255,7 +256,7 @@ def _outputs_only_solve(solve, vector_field, y0, args, ts, options):
         return _interval(solve, vector_field, y, args, a, b, options)
 
     closed, consts = jax.closure_convert(interval, y0, args, ts[0], ts[1])
-    return _saved_outputs(closed, y0, args, ts, tuple(consts))
+    return _checkpointed_outputs(closed, y0, args, ts, tuple(consts))
 
 
 def output_segments(num_intervals: int) -> tuple[tuple[int, int], ...]:
@@ -272,7 +273,7 @@ def output_segments(num_intervals: int) -> tuple[tuple[int, int], ...]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _saved_outputs(interval, y0, args, ts, consts):
+def _checkpointed_outputs(interval, y0, args, ts, consts):
     return _forward_outputs(interval, y0, args, ts, consts)
 
 
@@ -293,7 +294,7 @@ def _forward_outputs(interval, y0, args, ts, consts):
     return ys
 
 
-def _saved_outputs_fwd(interval, y0, args, ts, consts):
+def _checkpointed_outputs_fwd(interval, y0, args, ts, consts):
     ys = _forward_outputs(interval, y0, args, ts, consts)
     firsts = np.array([first for first, _ in output_segments(ts.shape[0] - 1)], np.int32)
     checkpoints = jax.tree.map(lambda b: b[firsts], ys)
@@ -312,7 +313,7 @@ def _write(buffer, index, value):
     )
 
 
-def _saved_outputs_bwd(interval, residuals, ct_ys):
+def _checkpointed_outputs_bwd(interval, residuals, ct_ys):
     checkpoints, args, ts, consts = residuals
     n = ts.shape[0]
     segments = output_segments(n - 1)
@@ -379,7 +380,7 @@ def _same(value):
     return value
 
 
-_saved_outputs.defvjp(_saved_outputs_fwd, _saved_outputs_bwd)
+_checkpointed_outputs.defvjp(_checkpointed_outputs_fwd, _checkpointed_outputs_bwd)
 
 
 # --- solvers with an auxiliary state: one solve carried through every output time ----------

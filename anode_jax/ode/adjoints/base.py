@@ -58,8 +58,8 @@ class AbstractAdjoint(abc.ABC):
     # Whether odeint must closure-convert the vector field before calling `solve`.
     needs_closure_conversion: bool = True
     # Whether the backward pass of a fixed-step solve needs only the solve's input and args
-    # (no state from its forward pass): a solve at many output times then keeps no per-interval
-    # residuals of its own, since each interval's input is the previous output (`_times`).
+    # (no state from its forward pass): a solve at many output times then keeps only a few
+    # interval inputs and recomputes the others, each being the previous output (`_times`).
     backward_needs_input_only: bool = False
 
     @abc.abstractmethod
