@@ -82,6 +82,22 @@ PREFIX = "@bench_peer "
 # ----------------------------------------------------------------------------- PyTorch worker
 
 
+def sqnxt_block_forward(self, input):
+    """The original SqueezeNext block's forward with its shortcut added out of place: the
+    original adds it in place (`output += ...`) into the output of a ReLU, which current
+    torch's ReLU saves for its backward, so the backward fails ("modified by an inplace
+    operation"). The same sum; patched onto `models.sqnxt.BasicBlock` by the torch sides."""
+    import torch
+
+    relu = torch.nn.functional.relu
+    output = relu(self.bn1(self.conv1(input)))
+    output = relu(self.bn2(self.conv2(output)))
+    output = relu(self.bn3(self.conv3(output)))
+    output = relu(self.bn4(self.conv4(output)))
+    output = relu(self.bn5(self.conv5(output)))
+    return relu(output + relu(self.shortcut(input)))
+
+
 def torch_worker(peer_dir: str, model: str, batch: int) -> None:
     """Runs in the subprocess: builds the three PyTorch networks, then answers one command a
     line on stdin (`warmup`, `step <variant>`, `quit`) with one `PREFIX` JSON line."""
@@ -97,18 +113,6 @@ def torch_worker(peer_dir: str, model: str, batch: int) -> None:
         from anode import odesolver, odesolver_adjoint
         from models.resnet import ResNet18
         from models.sqnxt import SqNxt_23_1x
-
-    def sqnxt_block_forward(self, input):
-        # The original SqueezeNext block adds its shortcut in place (`output += ...`) into the
-        # output of a ReLU, which current torch's ReLU saves for its backward: the backward
-        # fails ("modified by an inplace operation"). The same sum, out of place.
-        relu = torch.nn.functional.relu
-        output = relu(self.bn1(self.conv1(input)))
-        output = relu(self.bn2(self.conv2(output)))
-        output = relu(self.bn3(self.conv3(output)))
-        output = relu(self.bn4(self.conv4(output)))
-        output = relu(self.bn5(self.conv5(output)))
-        return relu(output + relu(self.shortcut(input)))
 
     models.sqnxt.BasicBlock.forward = sqnxt_block_forward
 
