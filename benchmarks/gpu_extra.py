@@ -47,37 +47,23 @@ def interleaved(fns, repeats):
 
 
 def times_part(a, rows, out):
+    import _common
     import bench_times as bt
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     params, y0 = bt.make_problem()
-    names = [
-        "direct",
-        "anode",
-        "anode, recompute_stages",
-        "checkpointed:4",
-        "checkpointed:4, recompute_stages",
-        "reversible",
-        "backsolve",
-        "diffrax recursive",
-        "diffrax direct",
-    ]
+    names = [row for row, _, _ in bt.STRATEGIES] + bt.DIFFRAX
     for n in a.outputs:
         ts = np.linspace(0.0, n / 100, n).astype(np.float32)
         target = jnp.zeros((n, bt.BATCH, 2))
         for N in a.steps:
             fns, mem, comp = {}, {}, {}
             for r in names:
-                t = time.perf_counter()
-                c = (
-                    jax.jit(bt.make_grad(bt.make_solve(r, ts, N), target))
-                    .lower(params, y0)
-                    .compile()
-                )
-                comp[r] = time.perf_counter() - t
-                mem[r] = c.memory_analysis().temp_size_in_bytes / 2**20
+                grad = bt.make_grad(bt.make_solve(r, ts, N), target)
+                temp, comp[r], c = _common.compiled_temp_bytes(grad, params, y0)
+                mem[r] = temp / 2**20
                 fns[r] = lambda c=c: jax.block_until_ready(c(params, y0))
             sec = interleaved(fns, a.repeats)
             for r in names:

@@ -285,10 +285,7 @@ def _forward_outputs(interval, y0, args, ts, consts):
     def body(carry, i):
         y, buffer = carry
         y = interval(y, args, ts[i], ts[i + 1], *consts)
-        buffer = jax.tree.map(
-            lambda b, leaf: lax.dynamic_update_index_in_dim(b, leaf, i + 1, 0), buffer, y
-        )
-        return (y, buffer), None
+        return (y, _write(buffer, i + 1, y)), None
 
     (_, ys), _ = lax.scan(body, (y0, buffer), jnp.arange(n - 1, dtype=jnp.int32))
     return ys
@@ -501,9 +498,7 @@ def _reversible_outputs_bwd(field, spec, residuals, ct_ys):
         previous = _boundary(solver, i, state, ts, inverse=True)
         _, boundary_vjp = jax.vjp(lambda s, t: _boundary(solver, i, s, t), previous, ts)
         ct_state, ct_t = boundary_vjp(ct_state)
-        ct_here = jax.tree.map(
-            lambda c: jnp.where(i > 0, lax.dynamic_index_in_dim(c, i, keepdims=False), 0), ct_ys
-        )
+        ct_here = jax.tree.map(lambda c: jnp.where(i > 0, c, 0), _read(ct_ys, i))
         return previous, add_output_ct(ct_state, ct_here), ct_args_consts, ct_ts + ct_t
 
     _, ct_state, (ct_args, ct_consts), ct_ts = lax.fori_loop(0, n - 1, body, carry)
