@@ -5,6 +5,7 @@ Run on a device machine from the project root, with the original code (MIT) at `
 
     PYTHONPATH=. python3 benchmarks/gpu_extra.py --peer_dir=<dir> --out $OUT/gpu_extra.json
     PYTHONPATH=. .venv/bin/python benchmarks/gpu_extra.py --smoke --peer_dir=<dir>   # CPU check
+    PYTHONPATH=. python3 benchmarks/gpu_extra.py --parts times --outputs 100 --steps 1 4 ...
 
 Parts (time: median of interleaved repeats after two warm-ups; memory: XLA's compiled
 `temp_size_in_bytes` for JAX, `torch.cuda.max_memory_allocated` for torch):
@@ -182,17 +183,22 @@ def main():
     ap.add_argument("--out", default="gpu_extra.json")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check on a CPU")
     ap.add_argument("--peer_dir", default=".gpu/peers/anode", help="the original ANODE code")
+    ap.add_argument("--parts", nargs="+", choices=("sqnxt", "times"), default=["sqnxt", "times"])
+    ap.add_argument("--outputs", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     a = ap.parse_args()
     if a.smoke:
         a.outputs, a.steps, a.repeats, a.rbatch, a.rmodel = (10,), (1,), 2, 4, "sqnxt"
     else:
-        a.outputs, a.steps, a.repeats, a.rbatch, a.rmodel = (100, 1000), (1, 4), 5, 128, "sqnxt"
+        a.repeats, a.rbatch, a.rmodel = 5, 128, "sqnxt"
     import jax
 
     print(dict(jax=jax.__version__, devices=[str(d) for d in jax.devices()]), flush=True)
     rows = []
-    sqnxt_part(a, rows, a.out)
-    times_part(a, rows, a.out)
+    if "sqnxt" in a.parts:
+        sqnxt_part(a, rows, a.out)
+    if "times" in a.parts:
+        times_part(a, rows, a.out)
     print("wrote", a.out)
 
 

@@ -14,10 +14,11 @@
 | Backsolve         | the block output y1         | integrate the adjoint ODE backwards in     | no     |
 |                   |                             | time (Chen et al. 2018, Eq. 4–5)           |        |
 
-`Anode(recompute_stages=True)` and `Checkpointed(k, recompute_stages=True)` also
-rematerialise each stage inside a backward step (class form only; no string name): one step's
-VJP then holds its stage inputs and one stage's internals, for one more vector-field
-evaluation per stage.
+`Anode` and `Checkpointed` also rematerialise each stage inside a backward step when the
+vector field's activations are large next to the state (`recompute_stages=None`, the default:
+more than 16 states' worth of residuals per evaluation) or when asked
+(`recompute_stages=True`; `False` never; class form only): one step's VJP then holds its stage
+inputs and one stage's internals, for one more vector-field evaluation per stage.
 
 One module per strategy; each keeps its primal, forward and backward together.
 """

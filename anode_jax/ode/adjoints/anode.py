@@ -38,7 +38,7 @@ def _anode_bwd(vector_field, spec, recompute_stages, residuals, ct_y1):
     # one stage's internals at a time). The barrier ties the recomputation to the incoming
     # cotangent: it then runs in the backward pass, one block at a time.
     y0, args, ct_y1 = _loop.tree_barrier(y0, args, ct_y1)
-    field = stage_field(vector_field, recompute_stages)
+    field = stage_field(vector_field, recompute_stages, spec.solver, y0, args)
     _, vjp = jax.vjp(lambda y, a: forward(field, y, a, spec), y0, args)
     return vjp(ct_y1)
 
@@ -59,7 +59,7 @@ def _anode_adaptive_fwd(vector_field, y0, args, spec, recompute_stages):
 def _anode_adaptive_bwd(vector_field, spec, recompute_stages, residuals, cts):
     y0, args, record = residuals
     top, seg = adaptive.anode_slots(spec.max_steps)
-    field = stage_field(vector_field, recompute_stages)
+    field = stage_field(vector_field, recompute_stages, spec.solver, y0, args)
     return adaptive.reverse_replay(spec.solver, field, args, y0, record, cts[0], top, seg)
 
 
@@ -89,28 +89,33 @@ class Anode(AbstractAdjoint):
     about 2√max_steps states whatever n; compute: one extra forward pass when n ≤ √max_steps,
     two above (`adaptive.reverse_replay`).
 
-    `recompute_stages=True` rematerialises inside each step too (Griewank's multi-level
+    `recompute_stages` rematerialises inside each step too (Griewank's multi-level
     checkpointing; diffrax's `RecursiveCheckpointAdjoint` does so by default): the vector
     field is differentiated as `jax.checkpoint(f)`, so the VJP of a step holds the step's s
     stage inputs (states) and the internals of one stage (the activations of one evaluation
-    of f) at a time, instead of the internals of all s stages together; the price is s more
-    evaluations of f (one per stage) in every backward step, one more forward pass of the
-    solve in all. It pays when f's activations are large next to the state (MLP 2→64→64→2,
-    batch 256, RK4: one step's VJP 0.60 → 0.28 MiB); on the ANODE paper's conv block it
-    saved nothing (docs/core.md). Unrolled short solves, whose block is differentiated as a
-    whole, then hold every stage input of the block and one stage's internals. Applies to
-    fixed-step solves looped and unrolled, at many output times (each interval's backward
-    pass), and to adaptive solves (each replayed step's VJP).
+    of f) at a time, instead of the internals of all s stages together, and the parameter
+    cotangent is summed stage by stage; the price is s more evaluations of f (one per stage)
+    in every backward step, one more forward pass of the solve in all. It pays when f's
+    activations are large next to the state (MLP 2→64→64→2, batch 256, RK4: one step's VJP
+    611 → 220 KB); on the ANODE paper's conv block it saved nothing (docs/core.md). The
+    default, None, decides per solve when the backward pass is traced: True when one
+    evaluation of f keeps more than `AUTO_RECOMPUTE_RATIO` (16) times the state's bytes as
+    residuals for reverse mode (found by tracing f's VJP abstractly, `jax.eval_shape`:
+    nothing runs), else False — the MLP above keeps 128 states' worth, the papers' conv
+    blocks 3–11, so their programs are those of False. Unrolled short solves, whose block is
+    differentiated as a whole, then hold every stage input of the block and one stage's
+    internals. Applies to fixed-step solves looped and unrolled, at many output times (each
+    interval's backward pass), and to adaptive solves (each replayed step's VJP).
 
     Attributes:
-      recompute_stages: bool, default False (the stages of a step are differentiated
-        together).
+      recompute_stages: None (default: automatic, as above), True or False (the stages of
+        a step are differentiated together).
 
     Raises:
-      ValueError: `recompute_stages` not a bool.
+      ValueError: `recompute_stages` not None or a bool.
     """
 
-    recompute_stages: bool = False
+    recompute_stages: bool | None = None
     name = "anode"
     backward_needs_input_only = True
 

@@ -267,13 +267,59 @@ def _reverse_looped(step, vjp_step, spec, args, y0, ct, ct_args, schedule):
     return ct, ct_args
 
 
-def stage_field(vector_field, recompute_stages: bool):
-    """The vector field whose step a backward pass differentiates: `jax.checkpoint`-ed when
-    `recompute_stages` (each stage's VJP then keeps only the stage's inputs and recomputes its
-    internals when its cotangent arrives), else `vector_field` itself. A forward-only call of
-    a checkpointed function is the function itself (it is rematerialised only where
+# recompute_stages=None (the default): rematerialise each stage when one evaluation of the
+# field keeps more than this many states' worth of residuals for reverse mode. The fields
+# measured sit far on either side: MLP 2→64→64→2 on a 2-D state 128 states (stages pay:
+# one RK4 step's VJP 611 → 220 KB), the ANODE paper's ReLU-conv-ReLU-conv block 4.6
+# (stages saved nothing, docs/core.md), the models' blocks (resnet, sqnxt, alexnet; ODE
+# and coupled ANODEv2) 3.0–10.7, so their programs stay those of recompute_stages=False.
+AUTO_RECOMPUTE_RATIO = 16
+
+
+class _StageRecomputed:
+    """`jax.checkpoint(f)` for a step's VJP: each stage keeps its inputs only and recomputes
+    its internals when its cotangent arrives; `sequential_args` makes the solvers thread args
+    stage to stage (`solvers.runge_kutta.stage_inputs`), so the parameter cotangent is summed
+    stage by stage."""
+
+    sequential_args = True
+
+    def __init__(self, vector_field):
+        self._checkpointed = jax.checkpoint(vector_field)
+
+    def __call__(self, t, y, args):
+        return self._checkpointed(t, y, args)
+
+
+def residual_ratio(vector_field, t, y, args) -> float:
+    """The bytes reverse mode keeps for one evaluation f(t, y, args) (the residuals of its VJP
+    with respect to y and args, not counting t, y and args themselves, which are held anyway)
+    over the bytes of y. Traced abstractly (`jax.eval_shape`): nothing runs."""
+
+    def residuals(t, y, args):
+        _, vjp = jax.vjp(lambda y, a: vector_field(t, y, a), y, args)
+        inputs = [id(leaf) for leaf in jax.tree.leaves((t, y, args))]
+        return [leaf for leaf in jax.tree.leaves(vjp) if id(leaf) not in inputs]
+
+    def nbytes(leaves):
+        return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in leaves)
+
+    kept = nbytes(jax.eval_shape(residuals, t, y, args))
+    return kept / max(nbytes(jax.tree.leaves(y)), 1)
+
+
+def stage_field(vector_field, recompute_stages: bool | None, solver, state, args):
+    """The vector field whose steps a backward pass differentiates, from the solver state
+    `state` of `solver` with `args`: rematerialised stage by stage (`_StageRecomputed`) when
+    `recompute_stages` is True, or None and `residual_ratio` at y = `solver.output(state)`
+    exceeds AUTO_RECOMPUTE_RATIO; else `vector_field` itself. A forward-only call of a
+    checkpointed function is the function itself (it is rematerialised only where
     differentiated)."""
-    return jax.checkpoint(vector_field) if recompute_stages else vector_field
+    if recompute_stages is None:
+        t = jnp.zeros((), _loop.time_dtype())
+        y = solver.output(state)
+        recompute_stages = residual_ratio(vector_field, t, y, args) > AUTO_RECOMPUTE_RATIO
+    return _StageRecomputed(vector_field) if recompute_stages else vector_field
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
@@ -287,13 +333,14 @@ def _checkpointed_fwd(vector_field, y0, args, spec, num_checkpoints, recompute_s
     return forward(vector_field, y0, args, spec, unroll=False), (y0, args)
 
 
-def reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints, recompute_stages=False):
+def reverse_solve(vector_field, spec, y0, args, ct_y1, num_checkpoints, recompute_stages=None):
     """(ct_y0, ct_args): ct_y1 backpropagated through the solve from y0 by the revolve
     schedule with `num_checkpoints` slots (looped or unrolled as `spec` says). With
-    `recompute_stages` each step's VJP rematerialises its stages one at a time
-    (`stage_field`); the recomputed forward steps are the same either way."""
+    `recompute_stages` (True, or None and decided by the field's residuals) each step's VJP
+    rematerialises its stages one at a time (`stage_field`); the recomputed forward steps are
+    the same either way."""
     step = spec.step_fn(vector_field)
-    vjp_step = spec.step_fn(stage_field(vector_field, True)) if recompute_stages else step
+    vjp_step = spec.step_fn(stage_field(vector_field, recompute_stages, spec.solver, y0, args))
     ct_args = jax.tree.map(_loop.zeros_like_cotangent, args)
     schedule = revolve_schedule(spec.num_steps, num_checkpoints)
     # Tie the whole reversal to the incoming cotangent, so it runs in the backward pass, one
@@ -325,10 +372,8 @@ def _checkpointed_adaptive_fwd(vector_field, y0, args, spec, num_checkpoints, re
 def _checkpointed_adaptive_bwd(vector_field, spec, num_checkpoints, recompute_stages, residuals,
                                cts):  # fmt: skip
     y0, args, record = residuals
-    return adaptive.reverse_revolve(
-        spec.solver, stage_field(vector_field, recompute_stages), args, y0, record, cts[0],
-        num_checkpoints,
-    )  # fmt: skip
+    field = stage_field(vector_field, recompute_stages, spec.solver, y0, args)
+    return adaptive.reverse_revolve(spec.solver, field, args, y0, record, cts[0], num_checkpoints)
 
 
 _checkpointed_adaptive.defvjp(_checkpointed_adaptive_fwd, _checkpointed_adaptive_bwd)
@@ -353,24 +398,27 @@ class Checkpointed(AbstractAdjoint):
     a stack of at most k segments): at most k states whatever n and max_steps, and the
     fewest recomputations, `revolve_cost(n, k)` — the cost depends on n, not on max_steps.
 
-    `recompute_stages=True` also rematerialises inside each step (Griewank's multi-level
+    `recompute_stages` also rematerialises inside each step (Griewank's multi-level
     checkpointing; diffrax's `RecursiveCheckpointAdjoint` does so by default): the VJP of a
     step then holds its s stage inputs and one stage's internals (the activations of one
     vector-field evaluation) instead of all s stages' internals, and pays s more vector-field
     evaluations (one per stage) in every backward step, one more forward pass of the solve in
-    all. Fixed-step solves looped and unrolled, at many output times, and adaptive solves.
+    all. The default, None, turns it on when one evaluation of the field keeps more than
+    `AUTO_RECOMPUTE_RATIO` (16) times the state's bytes as residuals (as `Anode`). Fixed-step
+    solves looped and unrolled, at many output times, and adaptive solves.
 
     Attributes:
       num_checkpoints: k >= 1, the states alive at once in a block's backward pass.
-      recompute_stages: bool, default False (the stages of a step are differentiated
-        together).
+      recompute_stages: None (default: automatic), True or False (the stages of a step are
+        differentiated together).
 
     Raises:
-      ValueError: `num_checkpoints` not an int >= 1, or `recompute_stages` not a bool.
+      ValueError: `num_checkpoints` not an int >= 1, or `recompute_stages` not None or a
+        bool.
     """
 
     num_checkpoints: int = 4
-    recompute_stages: bool = False
+    recompute_stages: bool | None = None
     name = "checkpointed"
     backward_needs_input_only = True
 
@@ -392,9 +440,13 @@ class Checkpointed(AbstractAdjoint):
         )
 
 
-def check_recompute_stages(owner: str, value) -> bool:
-    """`value` as a Python bool; a ValueError naming `owner` unless it is a bool (Python's or
-    NumPy's)."""
+def check_recompute_stages(owner: str, value) -> bool | None:
+    """`value` as a Python bool, or None (automatic); a ValueError naming `owner` unless it is
+    None or a bool (Python's or NumPy's)."""
+    if value is None:
+        return None
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{owner}(recompute_stages=...) must be True or False, got {value!r}.")
+        raise ValueError(
+            f"{owner}(recompute_stages=...) must be None (automatic), True or False, got {value!r}."
+        )
     return bool(value)

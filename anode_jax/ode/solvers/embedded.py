@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from anode_jax.ode.solvers.runge_kutta import ButcherTableau
+from anode_jax.ode.solvers.runge_kutta import ButcherTableau, stage_inputs
 
 
 def _axpy(y, h, coeffs, ks):
@@ -98,7 +98,7 @@ class EmbeddedTableau(ButcherTableau):
         """
         ks = [vector_field(t, y, args) if k1 is None else k1]
         for i in range(1, self.num_stages):
-            y_stage = _axpy(y, dt, self.a[i], ks)
+            y_stage, args = stage_inputs(vector_field, _axpy(y, dt, self.a[i], ks), args, i)
             ks.append(vector_field(t + self.c[i] * dt, y_stage, args))
         y_next = _axpy(y, dt, self.b, ks)
         zero = jax.tree.map(lambda leaf: leaf * 0, y)
@@ -110,7 +110,7 @@ class EmbeddedTableau(ButcherTableau):
         operations as `attempt`'s y_next, with k_1 evaluated afresh."""
         ks = [vector_field(t, state, args)]
         for i in range(1, self.num_stages):
-            y_stage = _axpy(state, dt, self.a[i], ks)
+            y_stage, args = stage_inputs(vector_field, _axpy(state, dt, self.a[i], ks), args, i)
             ks.append(vector_field(t + self.c[i] * dt, y_stage, args))
         return _axpy(state, dt, self.b, ks)
 

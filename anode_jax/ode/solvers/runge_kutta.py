@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+from jax import lax
 
 from anode_jax._typing import Array, PyTree, StepFn, VectorField
 from anode_jax.ode.solvers.base import AbstractSolver
@@ -105,13 +106,25 @@ def _axpy(y: PyTree, h: float, coeffs: Sequence[float], ks: Sequence[PyTree]) ->
     return jax.tree.map(leaf, y, *(k for _, k in terms))
 
 
+def stage_inputs(vector_field: VectorField, y_stage: PyTree, args: PyTree, i: int):
+    """(y_stage, args) for stage i of a step, threaded stage to stage when the field asks for
+    it (`vector_field.sequential_args`, set by the backward passes that rematerialise each
+    stage): stage i's args then pass through an optimization barrier with stage i's input.
+    Reverse mode turns the chain around, so the cotangent of args accumulates stage by stage
+    (one running sum) instead of the s per-stage parameter cotangents being held until a
+    final sum (measured: MLP 2→64→64→2, batch 256, RK4, one step's VJP 254 → 220 KB)."""
+    if i == 0 or not getattr(vector_field, "sequential_args", False):
+        return y_stage, args
+    return lax.optimization_barrier((y_stage, args))
+
+
 def rk_stages(
     tableau: ButcherTableau, vector_field: VectorField, t: Array, dt: float, y: PyTree, args
 ) -> list[PyTree]:
     """The stage derivatives k_1..k_s of one explicit RK step from (t, y) of size `dt`."""
     ks = []
     for i in range(tableau.num_stages):
-        y_stage = _axpy(y, dt, tableau.a[i], ks)
+        y_stage, args = stage_inputs(vector_field, _axpy(y, dt, tableau.a[i], ks), args, i)
         t_stage = t + tableau.c[i] * dt if tableau.c[i] != 0.0 else t
         ks.append(vector_field(t_stage, y_stage, args))
     return ks
