@@ -387,7 +387,122 @@ def to_markdown(payload) -> str:
             f"{step['routed'].get('fallback', 0)} left on XLA).",
             *body,
         ]
+    lines += ["", *trade_off(payload)]
     return "\n".join(lines) + "\n"
+
+
+def _gains(payload) -> dict:
+    """Ranges measured in this run, for the trade-off text."""
+    out = {}
+    if "layers" in payload:
+        ratios = []
+        for layer in payload["layers"]:
+            for p in layer["passes"].values():
+                t = p["times"]
+                xla = min(
+                    v["median_s"] for k, v in t.items() if k in ("XLA (lax)", "loop-safe conv")
+                )
+                ratios.append(xla / t["oneDNN custom call"]["median_s"])
+        out["layers"] = f"{min(ratios):.2f}–{max(ratios):.2f}×"
+    if "loop" in payload:
+        ratios = [
+            r["times"]["loop-safe conv"]["median_s"] / r["times"]["oneDNN custom call"]["median_s"]
+            for r in payload["loop"]
+        ]
+        out["loop"] = f"{min(ratios):.2f}–{max(ratios):.2f}×"
+    if "step" in payload:
+        rows = {r["row"]: r for r in payload["step"]["rows"]}
+        safe, fast = rows.get("anode-jax anode (loop_safe)"), rows.get("anode-jax anode (onednn)")
+
+        def per_round(a, b):
+            r = [x / y for x, y in zip(a["times_s"], b["times_s"])]
+            return f"{statistics.median(r):.2f}× ({min(r):.2f}–{max(r):.2f})"
+
+        if safe and fast:
+            out["step"] = per_round(safe, fast)
+            original = rows.get("PyTorch original")
+            if original:
+                out["step_vs_original"] = per_round(fast, original)
+                out["safe_vs_original"] = per_round(safe, original)
+    return out
+
+
+def trade_off(payload) -> list[str]:
+    """The route's costs (facts of the build, checked when it was written) beside its gains."""
+    g = _gains(payload)
+    gain = []
+    if "layers" in g:
+        gain.append(f"single layers {g['layers']} faster than XLA's best formulation")
+    if "loop" in g:
+        gain.append(f"gradients through a scan {g['loop']} faster than the loop-safe conv")
+    if "step" in g:
+        gain.append(
+            f'the resnet `"anode"` step {g["step"]} faster than with the loop-safe conv'
+            + (
+                f"; with oneDNN the step takes {g['step_vs_original']} of the original PyTorch "
+                f"ANODE's time, with the loop-safe conv {g['safe_vs_original']} (medians of "
+                "the per-round ratios, ranges in brackets)"
+                if "step_vs_original" in g
+                else ""
+            )
+        )
+    return [
+        "## Trade-off",
+        "",
+        "Gain, this run: " + ("; ".join(gain) if gain else "not measured") + ".",
+        "",
+        "| | |",
+        "|---|---|",
+        "| dependency | oneDNN 3.2.0 from the registry's CPU-only GNU-OpenMP wheels: "
+        "`onednn-cpu-gomp==2023.2.0` (38.9 MB download; `libdnnl.so.3` 54.6 MB unpacked; the "
+        "wheel itself stores the library three times, 164 MB, which is why the build script "
+        "unpacks one copy instead of installing it) and `onednn-devel-cpu-gomp==2023.2.0` "
+        "(headers, 0.19 MB). Needs only libgomp, libstdc++ and glibc. The newest registry "
+        "package, `onednn==2026.1.0` (97 MB wheel, 109.5 MB library), is the DPC++/SYCL build: "
+        "its `libdnnl.so` needs `libsycl.so.9`, `libtbb.so.12`, `libsvml.so`, `libimf.so`, "
+        "`libintlc.so.5` (the `dpcpp-cpp-rt` and `intel-opencl-rt` wheels it requires), so "
+        "it was not used. PyTorch's wheel carries oneDNN inside `libtorch_cpu.so` (not a "
+        "separate library to link). |",
+        "| build step | `scripts/build_onednn.sh`: pip-downloads the two wheels into `build/`, "
+        "unpacks them, compiles `anode_jax/nn/onednn/conv.cc` (≈ 300 lines of C++17) with "
+        "g++ against them and the installed jaxlib's FFI headers (`jax.ffi.include_dir()`): "
+        "≈ 11 s here, a 0.15 MB `_onednn_conv.so` linked to `libdnnl.so.3` by rpath. Needs a "
+        "C++17 compiler on the user's machine, or a platform wheel per OS/arch if shipped "
+        "prebuilt (the package is pure Python today). |",
+        "| ABI / version coupling | XLA's FFI is a versioned C ABI (these headers: FFI API "
+        "0.5), so the extension does not link against jaxlib; it is built against one jaxlib's "
+        "headers and must be rebuilt (and retested) when jaxlib's FFI major version changes. "
+        "oneDNN's C++ API is header-only over a stable C ABI within major version 3 "
+        "(`libdnnl.so.3`). |",
+        "| what works | `jit`; `grad` to first order (a `jax.custom_vjp` whose backward is "
+        "the two gradient kernels: `grad` of `grad` fails, the custom calls have no derivative; "
+        "the loop-safe conv supports any order); `lax.scan` / `fori_loop` bodies (no layout "
+        'pass involved); `vmap` only sequentially (`vmap_method="sequential"`: one call per '
+        "mapped element); no forward mode; CPU only (GPU/TPU keep XLA's convolutions, where "
+        "cuDNN already serves); float32, 2-D, groups = 1, no dilation (oneDNN has the rest; "
+        "not wired). Untested: sharded meshes (the custom call has no partitioning rule), "
+        "`jax.export` (the target must be registered where the program is loaded). |",
+        "| runtime caveats | Each oneDNN primitive is created once per geometry and cached for "
+        "the process (creation JIT-compiles a kernel, milliseconds). oneDNN runs on its own "
+        "OpenMP team next to XLA's thread pool; calls are serialized by a lock (concurrent "
+        "calls from XLA's threads gave wrong 1×1 weight gradients in oneDNN 3.2, with "
+        "per-thread scratchpads; the test `test_concurrent_calls_match_lax` covers it). The "
+        "scratchpads (per thread) and the kernel-layout reorder buffers are outside XLA's "
+        "`memory_analysis()`. |",
+        "| maintenance | Ours: the C++ source, the build script, the layout/padding "
+        "conventions (oneDNN reads the right padding literally; the source derives it from "
+        "the output size), and a second numerical path to keep tested against `lax` "
+        "(tests/test_onednn_conv.py, skipped without the build). oneDNN itself is kept by "
+        "Intel (Apache-2.0); the pinned 2023.2.0 CPU wheels are the last CPU-only ones on the "
+        "registry, so a newer oneDNN means building it from source or the SYCL build's "
+        "runtime stack. |",
+    ]
+
+
+def render() -> None:
+    """Rewrites docs/bench_onednn.md from docs/bench_onednn.json."""
+    payload = _common.read_results("bench_onednn")
+    _common.write_results("bench_onednn", payload, to_markdown)
 
 
 # ----------------------------------------------------------------------------- main
@@ -403,7 +518,12 @@ def main():
     parser.add_argument("--loop_steps", type=int, default=4)
     parser.add_argument("--step_rounds", type=int, default=5)
     parser.add_argument("--peer_dir", default=None, help="as bench_peer.py's --peer_dir")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the Markdown from the JSON"
+    )
     args = parser.parse_args()
+    if args.render:
+        return render()
     parts = args.parts.split(",")
     for part in parts:
         if part not in ("layers", "loop", "step"):
