@@ -238,6 +238,49 @@ def _onednn_core(original):
     return core
 
 
+def compile_onednn_step(name: str, adjoint: str, batch: int):
+    """bench_peer.compile_jax_step with every loop-safe conv routed through oneDNN.
+
+    Returns (compiled, arguments, fields, (routed, fallback) counts of traced convolutions).
+    """
+    import bench_peer
+
+    original = conv_module._conv
+    core = _onednn_core(original)
+    conv_module._conv = core
+    try:
+        compiled, step_args, fields = bench_peer.compile_jax_step(name, adjoint, "loop_safe", batch)
+    finally:
+        conv_module._conv = original
+    fields["formulations"] = (
+        f"oneDNN custom call ({core.routed} convs traced; {core.fallback} on XLA)"
+    )
+    return compiled, step_args, fields, (core.routed, core.fallback)
+
+
+def step_agreement(name: str = "resnet", batch: int = 128) -> dict:
+    """One `"anode"` SGD step from the same state with each route: the largest deviation of
+    the oneDNN route's parameter update from the loop-safe one, relative to the largest
+    update entry of that leaf (the update is -lr·gradient at the first step), and both losses."""
+    import bench_peer
+
+    compiled, step_args, _ = bench_peer.compile_jax_step(name, "anode", "loop_safe", batch)
+    state_a, metrics_a = compiled(*step_args)
+    compiled_o, step_args_o, _, _ = compile_onednn_step(name, "anode", batch)
+    state_o, metrics_o = compiled_o(*step_args_o)
+    old = jax.tree.leaves(step_args[0].params)
+    deviation = 0.0
+    for p0, pa, po in zip(old, jax.tree.leaves(state_a.params), jax.tree.leaves(state_o.params)):
+        ua, uo = np.asarray(pa - p0), np.asarray(po - p0)
+        if np.max(np.abs(ua)) > 0:
+            deviation = max(deviation, float(np.max(np.abs(ua - uo)) / np.max(np.abs(ua))))
+    return {
+        "update_rel_deviation": deviation,
+        "loss_loop_safe": float(metrics_a["loss"]),
+        "loss_onednn": float(metrics_o["loss"]),
+    }
+
+
 def measure_step(args):
     import bench_peer
 
@@ -245,33 +288,23 @@ def measure_step(args):
     if peer_reason:
         print(f"bench_onednn.py: PyTorch side skipped: {peer_reason}")
     original_compile = bench_peer.compile_jax_step
-    original = conv_module._conv
     routed = {}
 
     def compile_step(name, adjoint, conv, batch):
         if conv != "onednn":
             return original_compile(name, adjoint, conv, batch)
-        core = _onednn_core(conv_module._conv)
-        conv_module._conv = core
-        try:
-            compiled, step_args, fields = original_compile(name, adjoint, "loop_safe", batch)
-        finally:
-            conv_module._conv = original
-        routed.update(routed=core.routed, fallback=core.fallback)
-        fields["formulations"] = (
-            f"oneDNN custom call ({core.routed} convs traced; {core.fallback} on XLA)"
-        )
+        compiled, step_args, fields, counts = compile_onednn_step(name, adjoint, batch)
+        routed.update(routed=counts[0], fallback=counts[1])
         return compiled, step_args, fields
 
-    bench_peer.compile_jax_step = compile_step
     step_args = argparse.Namespace(
         convs=["loop_safe", "onednn"], repeats=args.step_rounds, batch=128, peer_dir=args.peer_dir
     )
+    bench_peer.compile_jax_step = compile_step
     try:
         result = bench_peer.measure_network("resnet", step_args, peer_reason)
     finally:
         bench_peer.compile_jax_step = original_compile
-        conv_module._conv = original
     if peer_reason:
         result["peer_missing"] = peer_reason
     result["routed"] = routed
@@ -384,10 +417,19 @@ def to_markdown(payload) -> str:
             'The row `anode-jax anode (onednn)` is `"anode"` with each loop-safe '
             "convolution of the network (forward, input and weight gradient) a oneDNN custom call "
             f"({step['routed'].get('routed', 0)} convolutions traced through it, "
-            f"{step['routed'].get('fallback', 0)} left on XLA).",
+            f"{step['routed'].get('fallback', 0)} left on XLA)."
+            + (
+                " One step from the same state with each route: parameter updates agree to "
+                f"{step['agreement']['update_rel_deviation']:.1e} (largest deviation relative to "
+                "the largest update entry of each leaf), losses "
+                f"{step['agreement']['loss_loop_safe']:.6f} (loop-safe) and "
+                f"{step['agreement']['loss_onednn']:.6f} (oneDNN)."
+                if "agreement" in step
+                else ""
+            ),
             *body,
         ]
-    lines += ["", *trade_off(payload)]
+    lines += ["", *trade_off(payload), "", *PROPOSAL]
     return "\n".join(lines) + "\n"
 
 
@@ -489,6 +531,11 @@ def trade_off(payload) -> list[str]:
         "per-thread scratchpads; the test `test_concurrent_calls_match_lax` covers it). The "
         "scratchpads (per thread) and the kernel-layout reorder buffers are outside XLA's "
         "`memory_analysis()`. |",
+        "| memory | The step's compiled `temp_size_in_bytes` (table above) drops with the "
+        "custom calls because XLA no longer materializes the loop-safe formulations' per-tap "
+        "slices; oneDNN's own scratchpads and reorder buffers are not in that figure (they are "
+        "per call and per thread, freed or reused after each call), so the two temp figures "
+        "are not a like-for-like memory comparison. |",
         "| maintenance | Ours: the C++ source, the build script, the layout/padding "
         "conventions (oneDNN reads the right padding literally; the source derives it from "
         "the output size), and a second numerical path to keep tested against `lax` "
@@ -497,6 +544,30 @@ def trade_off(payload) -> list[str]:
         "registry, so a newer oneDNN means building it from source or the SYCL build's "
         "runtime stack. |",
     ]
+
+
+PROPOSAL = [
+    "## Integration into the library (proposed, not done)",
+    "",
+    "If the step's gain holds on a quieter run, the route fits the existing choice by "
+    "measurement without a new user-facing switch:",
+    "",
+    '1. `anode_jax/nn/_conv.py`: an `"onednn"` entry in `INPUT_GRADIENT_METHODS` and '
+    '`WEIGHT_GRADIENT_METHODS`, and a forward choice (`"xla"` | `"onednn"`, today the '
+    "forward is always XLA's), offered to `autotune.choose` only when `onednn.available()`, the "
+    "backend is CPU and the geometry is supported (2-D, float32, groups = 1, no dilation); "
+    "everything else keeps today's candidates, so a build without the extension is unchanged.",
+    "2. Higher-order reverse mode (which the loop-safe conv promises) needs the gradient kernels "
+    "to be differentiable themselves: the input gradient is a transposed convolution whose own "
+    "VJP is the forward kernel and the weight-gradient kernel, and the weight gradient's VJP is "
+    "the forward and input-gradient kernels — three more `custom_vjp` wrappers over the same "
+    "three custom calls.",
+    "3. The autotuner's cache key gains the extension's presence and oneDNN version, so a "
+    "choice measured with it is not reused without it.",
+    "4. Packaging: an optional extra that runs `scripts/build_onednn.sh` (or a prebuilt "
+    "platform wheel); CI keeps testing without it, plus one job that builds it and runs "
+    "tests/test_onednn_conv.py and the conv formulation-equivalence tests with it.",
+]
 
 
 def render() -> None:
@@ -521,9 +592,20 @@ def main():
     parser.add_argument(
         "--render", action="store_true", help="only rewrite the Markdown from the JSON"
     )
+    parser.add_argument(
+        "--agreement_only",
+        action="store_true",
+        help="only add the step-agreement check (no timing) to docs/bench_onednn.json",
+    )
     args = parser.parse_args()
     if args.render:
         return render()
+    if args.agreement_only:
+        payload = _common.read_results("bench_onednn")
+        payload["step"]["agreement"] = step_agreement()
+        print(payload["step"]["agreement"])
+        _common.write_results("bench_onednn", payload, to_markdown)
+        return None
     parts = args.parts.split(",")
     for part in parts:
         if part not in ("layers", "loop", "step"):
@@ -583,6 +665,7 @@ def main():
             )
     if "step" in parts:
         payload["step"] = measure_step(args)
+        payload["step"]["agreement"] = step_agreement()
     _common.write_results("bench_onednn", payload, to_markdown)
     print(to_markdown(payload))
 

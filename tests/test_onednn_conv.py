@@ -17,9 +17,7 @@ from jax import lax
 
 from anode_jax.nn import onednn
 
-pytestmark = pytest.mark.skipif(
-    not onednn.available(), reason=f"oneDNN extension not built: {onednn.unavailable_reason()}"
-)
+pytestmark = pytest.mark.skipif(not onednn.available(), reason=str(onednn.unavailable_reason()))
 
 RTOL = 1e-4
 NHWC = ("NHWC", "HWIO", "NHWC")
