@@ -52,13 +52,15 @@ from anode_jax.nn import _conv as conv_module  # noqa: E402
 from anode_jax.nn import conv_general_dilated, onednn  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
-#: (name, x shape NHWC, kernel HWIO, stride); padding SAME (1 each side, or (0, 1) at stride 2)
+#: (name, x shape NHWC, kernel HWIO, stride); padding SAME (1 each side, or (0, 1) at stride 2).
+#: The resnet shapes are its ODE blocks' convolutions and one transition (`create_model("resnet")`
+#: at batch 128; benchmarks/bench_conv.py lists all of them).
 SHAPES = (
-    ("resnet 32×32×16", (128, 32, 32, 16), (3, 3, 16, 16), 1),
-    ("resnet 16×16×32", (128, 16, 16, 32), (3, 3, 32, 32), 1),
-    ("resnet 8×8×64", (128, 8, 8, 64), (3, 3, 64, 64), 1),
-    ("resnet 32×32×16→32 /2", (128, 32, 32, 16), (3, 3, 16, 32), 2),
-    ("resnet 16×16×32→64 /2", (128, 16, 16, 32), (3, 3, 32, 64), 2),
+    ("resnet stage 1: 32×32×64", (128, 32, 32, 64), (3, 3, 64, 64), 1),
+    ("resnet stage 2: 16×16×128", (128, 16, 16, 128), (3, 3, 128, 128), 1),
+    ("resnet stage 3: 8×8×256", (128, 8, 8, 256), (3, 3, 256, 256), 1),
+    ("resnet stage 4: 4×4×512", (128, 4, 4, 512), (3, 3, 512, 512), 1),
+    ("resnet transition 16×16×128→256 /2", (128, 16, 16, 128), (3, 3, 128, 256), 2),
     ("core 32×16×16×16", (32, 16, 16, 16), (3, 3, 16, 16), 1),
 )
 PASSES = ("forward", "input grad", "weight grad")
@@ -274,8 +276,18 @@ def step_agreement(name: str = "resnet", batch: int = 128) -> dict:
         ua, uo = np.asarray(pa - p0), np.asarray(po - p0)
         if np.max(np.abs(ua)) > 0:
             deviation = max(deviation, float(np.max(np.abs(ua - uo)) / np.max(np.abs(ua))))
+    # The same measure between two loop-safe steps whose images differ by 2^-20 relative: how
+    # far float32 rounding alone moves this network's first update.
+    state, images, labels = step_args
+    state_p, _ = compiled(state, images * (1 + 2.0**-20), labels)
+    sensitivity = 0.0
+    for p0, pa, pp in zip(old, jax.tree.leaves(state_a.params), jax.tree.leaves(state_p.params)):
+        ua, up = np.asarray(pa - p0), np.asarray(pp - p0)
+        if np.max(np.abs(ua)) > 0:
+            sensitivity = max(sensitivity, float(np.max(np.abs(ua - up)) / np.max(np.abs(ua))))
     return {
         "update_rel_deviation": deviation,
+        "update_rel_deviation_images_perturbed": sensitivity,
         "loss_loop_safe": float(metrics_a["loss"]),
         "loss_onednn": float(metrics_o["loss"]),
     }
@@ -398,15 +410,20 @@ def to_markdown(payload) -> str:
         import bench_peer
 
         step = payload["step"]
+        run = payload.get("step_run")  # the step figures come from an earlier run of the script
         sub = {
             "settings": {
-                "command": s["command"],
+                "command": run["command"] if run else s["command"],
                 "batch": 128,
-                "repeats": s["step_rounds"],
+                "repeats": run["step_rounds"] if run else s["step_rounds"],
             },
-            "machine": m,
+            "machine": run["machine"] if run else m,
             "networks": [step],
         }
+        layer_error = max(
+            (p["error"] for layer in payload.get("layers", []) for p in layer["passes"].values()),
+            default=None,
+        )
         if step.get("peer_missing"):
             sub["peer_missing"] = step["peer_missing"]
         body = bench_peer._run_markdown(sub, "###")[3:]  # without the command / machine lines
@@ -414,6 +431,15 @@ def to_markdown(payload) -> str:
             "",
             "## The resnet training step (bench_peer.py's rows, plus every conv on oneDNN)",
             "",
+            *(
+                [
+                    f"From an earlier run, `.venv/bin/python {run['command']}`: "
+                    + _common.machine_header(run["machine"]),
+                    "",
+                ]
+                if run
+                else []
+            ),
             'The row `anode-jax anode (onednn)` is `"anode"` with each loop-safe '
             "convolution of the network (forward, input and weight gradient) a oneDNN custom call "
             f"({step['routed'].get('routed', 0)} convolutions traced through it, "
@@ -421,7 +447,17 @@ def to_markdown(payload) -> str:
             + (
                 " One step from the same state with each route: parameter updates agree to "
                 f"{step['agreement']['update_rel_deviation']:.1e} (largest deviation relative to "
-                "the largest update entry of each leaf), losses "
+                "the largest update entry of each leaf; the loop-safe step itself moves by "
+                f"{step['agreement'].get('update_rel_deviation_images_perturbed', float('nan')):.1e}"
+                " when the images change by 2^-20 relative: this network's first update is that "
+                "sensitive to float32 rounding"
+                + (
+                    f"; single layers agree to ≤ {layer_error:.1e}, tables above"
+                    if layer_error is not None
+                    else ""
+                )
+                + "), "
+                "losses "
                 f"{step['agreement']['loss_loop_safe']:.6f} (loop-safe) and "
                 f"{step['agreement']['loss_onednn']:.6f} (oneDNN)."
                 if "agreement" in step
@@ -593,6 +629,11 @@ def main():
         "--render", action="store_true", help="only rewrite the Markdown from the JSON"
     )
     parser.add_argument(
+        "--keep_step",
+        action="store_true",
+        help="without the step part: keep the step figures already in docs/bench_onednn.json",
+    )
+    parser.add_argument(
         "--agreement_only",
         action="store_true",
         help="only add the step-agreement check (no timing) to docs/bench_onednn.json",
@@ -666,6 +707,14 @@ def main():
     if "step" in parts:
         payload["step"] = measure_step(args)
         payload["step"]["agreement"] = step_agreement()
+    elif args.keep_step:
+        previous = _common.read_results("bench_onednn")
+        payload["step"] = previous["step"]
+        payload["step_run"] = previous.get("step_run") or {
+            "machine": previous["machine"],
+            "command": previous["settings"]["command"],
+            "step_rounds": previous["settings"]["step_rounds"],
+        }
     _common.write_results("bench_onednn", payload, to_markdown)
     print(to_markdown(payload))
 
