@@ -592,7 +592,9 @@ PROPOSAL = [
     '`WEIGHT_GRADIENT_METHODS`, and a forward choice (`"xla"` | `"onednn"`, today the '
     "forward is always XLA's), offered to `autotune.choose` only when `onednn.available()`, the "
     "backend is CPU and the geometry is supported (2-D, float32, groups = 1, no dilation); "
-    "everything else keeps today's candidates, so a build without the extension is unchanged.",
+    "everything else keeps today's candidates, so a build without the extension is unchanged. "
+    "The choice must stay per shape: oneDNN does not win everywhere (the 4×4×512 weight "
+    "gradient above is slower than the loop-safe conv's per-tap formulation).",
     "2. Higher-order reverse mode (which the loop-safe conv promises) needs the gradient kernels "
     "to be differentiable themselves: the input gradient is a transposed convolution whose own "
     "VJP is the forward kernel and the weight-gradient kernel, and the weight gradient's VJP is "
