@@ -112,6 +112,18 @@ def _out_spatial(in_spatial, kernel, strides, pads) -> tuple[int, int]:
     )
 
 
+def _used_extent(in_spatial, kernel, strides, pads) -> tuple[int, int]:
+    """Rows/columns of the input any window reads: fewer than the input has when the last
+    window stops short of its end (e.g. a 1×1 window at stride 2 on an even map). oneDNN 3.2's
+    1×1 weight-gradient kernel gave wrong results with the negative right padding such an
+    input implies, so the custom calls only ever see the used part."""
+    out = _out_spatial(in_spatial, kernel, strides, pads)
+    return tuple(
+        min(s, (o - 1) * st + k - lo)
+        for s, k, st, o, (lo, _) in zip(in_spatial, kernel, strides, out, pads)
+    )
+
+
 def _attrs(strides, pads) -> dict:
     return {
         "window_strides": np.asarray(strides, np.int64),
@@ -137,6 +149,8 @@ def conv_forward(x: jax.Array, w: jax.Array, window_strides: Sequence[int], padd
     strides = _strides(window_strides)
     pads = _pads(padding, x.shape[1:3], w.shape[:2], strides)
     out = (x.shape[0], *_out_spatial(x.shape[1:3], w.shape[:2], strides, pads), w.shape[3])
+    h, w_ = _used_extent(x.shape[1:3], w.shape[:2], strides, pads)
+    x = x[:, :h, :w_]
     return jax.ffi.ffi_call(
         "anode_onednn_conv_forward",
         jax.ShapeDtypeStruct(out, jnp.float32),
@@ -161,11 +175,15 @@ def conv_input_grad(
     x_shape = tuple(int(s) for s in x_shape)
     strides = _strides(window_strides)
     pads = _pads(padding, x_shape[1:3], w.shape[:2], strides)
-    return jax.ffi.ffi_call(
+    h, w_ = _used_extent(x_shape[1:3], w.shape[:2], strides, pads)
+    dx = jax.ffi.ffi_call(
         "anode_onednn_conv_input_grad",
-        jax.ShapeDtypeStruct(x_shape, jnp.float32),
+        jax.ShapeDtypeStruct((x_shape[0], h, w_, x_shape[3]), jnp.float32),
         vmap_method="sequential",
     )(ct, w, **_attrs(strides, pads))
+    if (h, w_) != tuple(x_shape[1:3]):
+        dx = jnp.pad(dx, ((0, 0), (0, x_shape[1] - h), (0, x_shape[2] - w_), (0, 0)))
+    return dx
 
 
 def conv_weight_grad(
@@ -185,6 +203,8 @@ def conv_weight_grad(
     w_shape = tuple(int(s) for s in w_shape)
     strides = _strides(window_strides)
     pads = _pads(padding, x.shape[1:3], w_shape[:2], strides)
+    h, w_ = _used_extent(x.shape[1:3], w_shape[:2], strides, pads)
+    x = x[:, :h, :w_]
     return jax.ffi.ffi_call(
         "anode_onednn_conv_weight_grad",
         jax.ShapeDtypeStruct(w_shape, jnp.float32),

@@ -56,8 +56,7 @@ Geometry MakeGeometry(const Key& k) {
   g.strides = {k[10], k[11]};
   g.pad_l = {k[12], k[14]};
   // The right padding the output size actually uses (the caller's high padding may exceed
-  // it by up to stride - 1 rows, or it may be negative: VALID with stride 2 on an even map);
-  // oneDNN's kernels (e.g. the 1x1 weight gradient) read it literally.
+  // it by up to stride - 1 rows); oneDNN's kernels read it literally.
   g.pad_r = {(oh - 1) * k[10] + kh - h - k[12], (ow - 1) * k[11] + kw - w - k[14]};
   return g;
 }
@@ -170,9 +169,8 @@ dnnl::memory Scratchpad(const dnnl::memory::desc& desc) {
   return dnnl::memory(desc, Engine(), buffer.get());
 }
 
-// One oneDNN call at a time: each already uses every core (its OpenMP team), and concurrent
-// calls from XLA's threads gave wrong weight gradients (1x1 kernels, oneDNN 3.2) even with
-// per-thread scratchpads.
+// One oneDNN call at a time: each already uses every core (its OpenMP team), so calls that
+// XLA's threads issue at once would only compete for them.
 std::mutex execute_mutex;
 
 ffi::Error Run(int64_t kind, const Key& key, float* src, float* weights, float* dst) {
@@ -195,11 +193,11 @@ ffi::Error Run(int64_t kind, const Key& key, float* src, float* weights, float* 
                                                  Scratchpad(entry->reorder_scratchpad)}});
       }
     }
-    if (kind == 1 && (g.pad_r[0] < 0 || g.pad_r[1] < 0)) {
-      // Rows/columns past the last window get no gradient, and oneDNN's strided kernels do
-      // not write them (nor, measured, all of the rest: they accumulate); XLA's result
-      // buffer is not zeroed.
-      std::memset(src, 0, g.src.get_size());
+    if (g.pad_r[0] < 0 || g.pad_r[1] < 0) {
+      // The Python side crops the input to the rows/columns the windows read (oneDNN 3.2's
+      // 1x1 weight gradient was wrong with a negative right padding).
+      return ffi::Error::InvalidArgument(
+          "onednn conv: the input extends past the last window; crop it first");
     }
     if (kind == 0) {
       entry->conv.execute(stream, {{DNNL_ARG_SRC, src_m},
