@@ -123,8 +123,9 @@ def test_bad_inputs_raise(call, match):
 
 
 def test_concurrent_calls_match_lax():
-    """Independent custom calls may run on several XLA threads at once (each thread has its own
-    oneDNN scratchpad); eager dispatch of many calls without waiting exercises it too."""
+    """Many calls dispatched without waiting (XLA may run them on several threads: each thread
+    has its own oneDNN scratchpad) and every cached primitive called again (4 times per case:
+    the 1×1 stride-2 weight gradient once went wrong from its second call on)."""
     cases = CASES * 4
     operands = [_operands(*case[1:], seed=i) for i, case in enumerate(cases)]
     results = [
