@@ -643,6 +643,12 @@ def main():
         help="without the step part: keep the step figures already in docs/bench_onednn.json",
     )
     parser.add_argument(
+        "--keep_layers",
+        action="store_true",
+        help="with --parts step only: keep the layer and loop figures already in "
+        "docs/bench_onednn.json (the step's own machine line is recorded beside them)",
+    )
+    parser.add_argument(
         "--agreement_only",
         action="store_true",
         help="only add the step-agreement check (no timing) to docs/bench_onednn.json",
@@ -713,7 +719,19 @@ def main():
                 + ", ".join(f"{k} {v['median_s'] * 1e3:.1f} ms" for k, v in times.items()),
                 flush=True,
             )
-    if "step" in parts:
+    if "step" in parts and args.keep_layers:
+        if parts != ["step"]:
+            raise SystemExit("--keep_layers: only with --parts step")
+        step_payload = payload
+        payload = _common.read_results("bench_onednn")
+        payload["step"] = measure_step(args)
+        payload["step"]["agreement"] = step_agreement()
+        payload["step_run"] = {
+            "machine": step_payload["machine"],
+            "command": step_payload["settings"]["command"],
+            "step_rounds": args.step_rounds,
+        }
+    elif "step" in parts:
         payload["step"] = measure_step(args)
         payload["step"]["agreement"] = step_agreement()
     elif args.keep_step:
