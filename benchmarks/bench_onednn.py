@@ -433,7 +433,7 @@ def to_markdown(payload) -> str:
             "",
             *(
                 [
-                    f"From an earlier run, `.venv/bin/python {run['command']}`: "
+                    f"From a separate run of `.venv/bin/python {run['command']}`: "
                     + _common.machine_header(run["machine"]),
                     "",
                 ]
@@ -527,7 +527,9 @@ def trade_off(payload) -> list[str]:
     return [
         "## Trade-off",
         "",
-        "Gain, this run: " + ("; ".join(gain) if gain else "not measured") + ".",
+        "Gain (the step timed in its own run when so stated above): "
+        + ("; ".join(gain) if gain else "not measured")
+        + ".",
         "",
         "| | |",
         "|---|---|",
