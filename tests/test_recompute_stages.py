@@ -144,15 +144,20 @@ def _mlp_field(t, y, params):
     return h @ params["w3"]
 
 
-def _temp_bytes(adjoint, form, unroll):
-    keys = jax.random.split(jax.random.PRNGKey(2), 4)
+def _mlp_problem(seed):
+    """(params, y0) of `_mlp_field`: a batch of BATCH 2-D states, hidden width WIDTH."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     params = {
         "w1": jax.random.normal(keys[0], (2, WIDTH)),
         "b1": jnp.zeros(WIDTH),
         "w2": jax.random.normal(keys[1], (WIDTH, WIDTH)) / WIDTH**0.5,
         "w3": jax.random.normal(keys[2], (WIDTH, 2)) / WIDTH**0.5,
     }
-    y0 = jax.random.normal(keys[3], (BATCH, 2))
+    return params, jax.random.normal(keys[3], (BATCH, 2))
+
+
+def _temp_bytes(adjoint, form, unroll):
+    params, y0 = _mlp_problem(2)
 
     def loss(params, y0):
         if form == "final":
@@ -230,14 +235,7 @@ def test_default_anode_memory_at_most_diffrax_at_100_output_times(steps):
     ts = np.linspace(0.0, 1.0, n).astype(np.float32)
     grid = np.concatenate([np.linspace(a, b, steps + 1)[:-1] for a, b in zip(ts[:-1], ts[1:])])
     grid = np.append(grid, ts[-1]).astype(np.float32)
-    keys = jax.random.split(jax.random.PRNGKey(5), 4)
-    params = {
-        "w1": jax.random.normal(keys[0], (2, WIDTH)),
-        "b1": jnp.zeros(WIDTH),
-        "w2": jax.random.normal(keys[1], (WIDTH, WIDTH)) / WIDTH**0.5,
-        "w3": jax.random.normal(keys[2], (WIDTH, 2)) / WIDTH**0.5,
-    }
-    y0 = jax.random.normal(keys[3], (BATCH, 2))
+    params, y0 = _mlp_problem(5)
     target = jnp.zeros((n, BATCH, 2))
 
     def ours(params, y0):
