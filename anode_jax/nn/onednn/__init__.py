@@ -72,8 +72,11 @@ def _load():
 
 
 def _require():
-    if _load() is None:
+    """The loaded extension; a RuntimeError naming the build step when it is not built."""
+    library = _load()
+    if library is None:
         raise RuntimeError(_state["error"])
+    return library
 
 
 def _pads(padding, in_spatial, kernel, strides) -> tuple[tuple[int, int], ...]:
@@ -124,6 +127,13 @@ def _used_extent(in_spatial, kernel, strides, pads) -> tuple[int, int]:
     )
 
 
+def _geometry(in_spatial, kernel, window_strides, padding):
+    """(strides, pads, used extent) of one convolution, checked: what every pass computes."""
+    strides = _strides(window_strides)
+    pads = _pads(padding, tuple(in_spatial), tuple(kernel), strides)
+    return strides, pads, _used_extent(in_spatial, kernel, strides, pads)
+
+
 def _attrs(strides, pads) -> dict:
     return {
         "window_strides": np.asarray(strides, np.int64),
@@ -146,10 +156,8 @@ def conv_forward(x: jax.Array, w: jax.Array, window_strides: Sequence[int], padd
     _check("w", w)
     if x.shape[-1] != w.shape[2]:
         raise ValueError(f"x has {x.shape[-1]} channels but w expects {w.shape[2]}.")
-    strides = _strides(window_strides)
-    pads = _pads(padding, x.shape[1:3], w.shape[:2], strides)
+    strides, pads, (h, w_) = _geometry(x.shape[1:3], w.shape[:2], window_strides, padding)
     out = (x.shape[0], *_out_spatial(x.shape[1:3], w.shape[:2], strides, pads), w.shape[3])
-    h, w_ = _used_extent(x.shape[1:3], w.shape[:2], strides, pads)
     x = x[:, :h, :w_]
     return jax.ffi.ffi_call(
         "anode_onednn_conv_forward",
@@ -173,9 +181,7 @@ def conv_input_grad(
     _check("ct", ct)
     _check("w", w)
     x_shape = tuple(int(s) for s in x_shape)
-    strides = _strides(window_strides)
-    pads = _pads(padding, x_shape[1:3], w.shape[:2], strides)
-    h, w_ = _used_extent(x_shape[1:3], w.shape[:2], strides, pads)
+    strides, pads, (h, w_) = _geometry(x_shape[1:3], w.shape[:2], window_strides, padding)
     dx = jax.ffi.ffi_call(
         "anode_onednn_conv_input_grad",
         jax.ShapeDtypeStruct((x_shape[0], h, w_, x_shape[3]), jnp.float32),
@@ -201,9 +207,7 @@ def conv_weight_grad(
     _check("x", x)
     _check("ct", ct)
     w_shape = tuple(int(s) for s in w_shape)
-    strides = _strides(window_strides)
-    pads = _pads(padding, x.shape[1:3], w_shape[:2], strides)
-    h, w_ = _used_extent(x.shape[1:3], w_shape[:2], strides, pads)
+    strides, pads, (h, w_) = _geometry(x.shape[1:3], w_shape[:2], window_strides, padding)
     x = x[:, :h, :w_]
     return jax.ffi.ffi_call(
         "anode_onednn_conv_weight_grad",
@@ -248,9 +252,7 @@ def impl_info(
     kind: str, x_shape: Sequence[int], w_shape: Sequence[int], window_strides, padding
 ) -> str:
     """The oneDNN kernel chosen for one pass ("forward" | "input_grad" | "weight_grad")."""
-    library = _load()
-    if library is None:
-        raise RuntimeError(_state["error"])
+    library = _require()
     kinds = ("forward", "input_grad", "weight_grad")
     if kind not in kinds:
         raise ValueError(f"kind must be one of {kinds}, got {kind!r}.")
