@@ -17,10 +17,11 @@ Parts (`--parts`, default all three), all in one process and one run:
   `h_{t+1} = tanh(conv(h_t, w_t))` over a `--loop_steps`-step `lax.scan` at each stride-1
   shape: loop-safe conv against the oneDNN conv (PyTorch: the same recursion in autograd).
 * `step`: the resnet ODE network's training step (benchmarks/bench_peer.py's machinery and
-  rows: anode-jax `"anode"` and `"direct"` with the loop-safe conv, PyTorch's original ANODE,
+  rows: anode-jax `"anode"` and `"direct"` with the loop-safe conv as shipped — autotuned per
+  shape, oneDNN among its candidates when the extension is built — PyTorch's original ANODE,
   checkpointing and plain autograd in a worker process) plus anode-jax `"anode"` with every
-  loop-safe convolution of the network routed through oneDNN (a monkeypatch of the loop-safe
-  conv's core while that row is compiled; the library is unchanged).
+  loop-safe convolution of the network pinned to oneDNN (`ANODE_JAX_CONV_FORWARD` /
+  `_INPUT_GRADIENT` / `_WEIGHT_GRADIENT=onednn` while that row is compiled).
 
 Times: every candidate of a row is compiled (and run once) first, then timed in `--rounds`
 interleaved rounds with the order rotating; a layer sample is the mean of `--inner` calls.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -48,7 +50,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from anode_jax.nn import _conv as conv_module  # noqa: E402
 from anode_jax.nn import conv_general_dilated, onednn  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -218,46 +219,40 @@ def loop_calls(x_shape, w_shape, steps, torch):
 # ----------------------------------------------------------------------------- step
 
 
-def _onednn_core(original):
-    """The loop-safe conv's core with every 2-D float32 ungrouped, undilated case on oneDNN."""
-
-    def core(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
-        if (
-            x.ndim == 4
-            and x.dtype == jnp.float32
-            and w.dtype == jnp.float32
-            and groups == 1
-            and tuple(lhs_dil) == (1, 1)
-            and tuple(rhs_dil) == (1, 1)
-            and all(p >= 0 for pair in pads for p in pair)
-        ):
-            core.routed += 1
-            return onednn.conv(x, w, strides, pads)
-        core.fallback += 1
-        return original(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods)
-
-    core.routed = core.fallback = 0
-    return core
+#: Every convolution of the loop-safe conv on oneDNN where it can compute it (the rest, e.g.
+#: float64 or dilated ones, on the default formulation): the public pins.
+ONEDNN_PINS = {
+    "ANODE_JAX_CONV_FORWARD": "onednn",
+    "ANODE_JAX_CONV_INPUT_GRADIENT": "onednn",
+    "ANODE_JAX_CONV_WEIGHT_GRADIENT": "onednn",
+}
 
 
 def compile_onednn_step(name: str, adjoint: str, batch: int):
-    """bench_peer.compile_jax_step with every loop-safe conv routed through oneDNN.
+    """bench_peer.compile_jax_step with every loop-safe conv pinned to oneDNN.
 
-    Returns (compiled, arguments, fields, (routed, fallback) counts of traced convolutions).
+    Returns (compiled, arguments, fields, (oneDNN custom calls, XLA convolutions) in the
+    compiled program).
     """
     import bench_peer
 
-    original = conv_module._conv
-    core = _onednn_core(original)
-    conv_module._conv = core
+    saved = {k: os.environ.get(k) for k in ONEDNN_PINS}
+    os.environ.update(ONEDNN_PINS)
     try:
         compiled, step_args, fields = bench_peer.compile_jax_step(name, adjoint, "loop_safe", batch)
     finally:
-        conv_module._conv = original
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    text = compiled.as_text()
+    routed = len(re.findall(r'custom_call_target="anode_onednn_conv_', text))
+    fallback = len(re.findall(r"\bconvolution\(", text))
     fields["formulations"] = (
-        f"oneDNN custom call ({core.routed} convs traced; {core.fallback} on XLA)"
+        f"oneDNN custom calls ({routed} in the program; {fallback} XLA convolutions)"
     )
-    return compiled, step_args, fields, (core.routed, core.fallback)
+    return compiled, step_args, fields, (routed, fallback)
 
 
 def step_agreement(name: str = "resnet", batch: int = 128) -> dict:
@@ -442,7 +437,7 @@ def to_markdown(payload) -> str:
             ),
             'The row `anode-jax anode (onednn)` is `"anode"` with each loop-safe '
             "convolution of the network (forward, input and weight gradient) a oneDNN custom call "
-            f"({step['routed'].get('routed', 0)} convolutions traced through it, "
+            f"({step['routed'].get('routed', 0)} on oneDNN, "
             f"{step['routed'].get('fallback', 0)} left on XLA)."
             + (
                 " One step from the same state with each route: parameter updates agree to "

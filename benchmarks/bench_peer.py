@@ -276,13 +276,17 @@ def compile_jax_step(name: str, adjoint: str, conv: str, batch: int):
             bench_models.make_train_step(model, tx), *args
         )
     text = compiled.as_text()
+    # the formulations the autotuner chose, read off the named scopes in the program
+    fwd = "+".join(sorted(set(re.findall(r"conv_forward_([a-z]+)", text))))
     inp = "+".join(sorted(set(re.findall(r"conv_input_grad_([a-z]+)", text))))
     wgt = "+".join(sorted(set(re.findall(r"conv_weight_grad_([a-z]+)", text))))
     fields = {
         "params": params,
         "compile_s": compile_s,
         "temp_bytes": temp,
-        "formulations": f"input {inp}, weight {wgt}" if conv == "loop_safe" else "lax",
+        "formulations": (
+            f"forward {fwd}, input {inp}, weight {wgt}" if conv == "loop_safe" else "lax"
+        ),
     }
     return compiled, args, fields
 

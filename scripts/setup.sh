@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root with a Python >= 3.12 found on this machine,
-# then install anode-jax with its dev extra (tests, benchmarks, notebooks).
+# then install anode-jax with its dev extra (tests, benchmarks, notebooks), and build the
+# optional oneDNN convolution extension when this machine can (ANODE_JAX_ONEDNN=0 skips it).
 #
 # Search order: $PYTHON (if set), python3.13, python3.12, python3 on PATH, then
 # interpreters installed under pyenv (whether or not pyenv selects them), then uv's.
@@ -56,4 +57,24 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+
+# Optional: oneDNN's convolution kernels as XLA custom calls (anode_jax.nn.onednn), one more
+# candidate that the convolution autotuner measures per shape (docs/bench_onednn.md). Needs
+# Linux x86-64, g++ and the package registry; skip it with ANODE_JAX_ONEDNN=0. When it cannot
+# be built the library runs on XLA's own kernels, as before: setup does not fail.
+if [ "${ANODE_JAX_ONEDNN:-1}" = "0" ]; then
+  echo "setup: optional oneDNN extension skipped (ANODE_JAX_ONEDNN=0)"
+elif [ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ] || ! command -v g++ >/dev/null 2>&1; then
+  echo "setup: optional oneDNN extension not built (needs Linux x86-64 and g++); XLA's kernels are used"
+else
+  mkdir -p build
+  if bash scripts/build_onednn.sh .venv/bin/python >build/onednn-build.log 2>&1 \
+    && .venv/bin/python -c "from anode_jax.nn import onednn; assert onednn.available(), onednn.unavailable_reason()" \
+      >>build/onednn-build.log 2>&1; then
+    echo "setup: built the optional oneDNN extension (anode_jax/nn/onednn/_onednn_conv.so)"
+  else
+    rm -f anode_jax/nn/onednn/_onednn_conv.so
+    echo "setup: optional oneDNN extension not built (see build/onednn-build.log); XLA's kernels are used"
+  fi
+fi
 echo "setup: done. Activate with 'source .venv/bin/activate', or run .venv/bin/python directly."

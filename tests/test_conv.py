@@ -104,11 +104,17 @@ def _apply(conv, case, x, w, **kwargs):
     return conv(x, w, strides, padding, lhs_dil, rhs_dil, dnums, groups, **kwargs)
 
 
-@pytest.mark.parametrize("input_method", INPUT_GRADIENT_METHODS)
-@pytest.mark.parametrize("method", WEIGHT_GRADIENT_METHODS)
+# The XLA formulations (any dtype); oneDNN's (float32 only, optional extension) are tested
+# against lax in tests/test_onednn_conv.py.
+XLA_INPUT_METHODS = tuple(m for m in INPUT_GRADIENT_METHODS if m != "onednn")
+XLA_WEIGHT_METHODS = tuple(m for m in WEIGHT_GRADIENT_METHODS if m != "onednn")
+
+
+@pytest.mark.parametrize("input_method", XLA_INPUT_METHODS)
+@pytest.mark.parametrize("method", XLA_WEIGHT_METHODS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_value_and_gradients_match_lax(x64, case, method, input_method):
-    # every formulation of both gradients (the candidates the autotuner chooses among)
+    # every XLA formulation of both gradients (candidates the autotuner chooses among)
     x, w = _normal(0, case[1]), _normal(1, case[2])
     y_ref, vjp_ref = jax.vjp(lambda x, w: _apply(lax.conv_general_dilated, case, x, w), x, w)
     kwargs = dict(weight_gradient=method, input_gradient=input_method)
@@ -175,7 +181,8 @@ def test_forward_mode_raises_a_clear_error():
         (dict(batch_group_count=2), "batch_group_count"),
         (dict(preferred_element_type=jnp.float32), "preferred_element_type"),
         (dict(weight_gradient="im2col"), r"weight_gradient must be one of \('auto'"),
-        (dict(input_gradient="fft"), r"input_gradient must be one of \('auto', 'conv', 'taps'\)"),
+        (dict(input_gradient="fft"), r"input_gradient must be one of \('auto', 'conv', 'taps'"),
+        (dict(forward="mkl"), r"forward must be one of \('auto', 'xla', 'onednn'\)"),
         (dict(lhs_dilation=(2, 2)), "string padding"),
         (dict(window_strides=(1,)), "window_strides must have 2 entries"),
     ],
@@ -186,6 +193,28 @@ def test_unsupported_arguments_raise(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         conv_general_dilated(x, w, **arguments)
+
+
+@pytest.mark.parametrize("option", ["forward", "input_gradient", "weight_gradient"])
+def test_onednn_where_it_cannot_compute_raises_or_falls_back(x64, option, monkeypatch):
+    # float64: oneDNN cannot (and without the optional build it cannot anywhere). Asked for
+    # per call: a ValueError with the reason and the valid choices. Pinned for every call:
+    # the default formulation, same values as lax.
+    case = CASES[1]
+    x, w = _normal(0, case[1]), _normal(1, case[2])
+    with pytest.raises(ValueError, match=r"oneDNN cannot compute this convolution \(.+\); use"):
+        _apply(conv_general_dilated, case, x, w, **{option: "onednn"})
+    pins = {
+        "forward": "ANODE_JAX_CONV_FORWARD",
+        "input_gradient": "ANODE_JAX_CONV_INPUT_GRADIENT",
+        "weight_gradient": "ANODE_JAX_CONV_WEIGHT_GRADIENT",
+    }
+    monkeypatch.setenv(pins[option], "onednn")  # pins apply in every autotune mode
+    y, vjp = jax.vjp(lambda x, w: _apply(conv_general_dilated, case, x, w), x, w)
+    y_ref, vjp_ref = jax.vjp(lambda x, w: _apply(lax.conv_general_dilated, case, x, w), x, w)
+    _close(y, y_ref)
+    for got, want in zip(vjp(y_ref), vjp_ref(y_ref)):
+        _close(got, want)
 
 
 def test_flax_conv_with_loop_safe_conv_matches_default(x64):

@@ -9,13 +9,15 @@ benchmarks/bench_onednn.py measures speed (docs/bench_onednn.md).
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from anode_jax.nn import onednn
+from anode_jax.nn import autotune, conv_general_dilated, onednn
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason=str(onednn.unavailable_reason()))
 
@@ -142,3 +144,119 @@ def test_concurrent_calls_match_lax():
         )
         for a, b in zip(got, (y, *vjp(g))):
             _close(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# As a formulation of the loop-safe convolution (what the models use): forward, input and
+# weight gradient each on oneDNN or on XLA, first and second reverse-mode derivatives, in a
+# loop, and chosen by the autotuner.
+
+ROUTES = {
+    "all-onednn": dict(forward="onednn", input_gradient="onednn", weight_gradient="onednn"),
+    "forward-only": dict(forward="onednn", input_gradient="conv", weight_gradient="taps"),
+    "gradients-only": dict(forward="xla", input_gradient="onednn", weight_gradient="onednn"),
+}
+# (id, x shape, w shape, strides, padding, dimension numbers)
+LOOP_SAFE_CASES = [
+    ("3x3-same-stride2", (2, 9, 8, 6), (3, 3, 6, 4), (2, 2), "SAME", NHWC),
+    ("1x1-valid-stride2", (2, 8, 8, 4), (1, 1, 4, 6), (2, 2), "VALID", NHWC),
+    ("3x3-on-2x2", (2, 2, 2, 4), (3, 3, 4, 5), (1, 1), "SAME", NHWC),
+    ("nchw-oihw", (2, 6, 9, 8), (4, 6, 3, 3), (2, 1), "SAME", ("NCHW", "OIHW", "NCHW")),
+]
+
+
+def _loop_safe(case, **kwargs):
+    _, _, _, strides, padding, dnums = case
+
+    def conv(x, w):
+        return conv_general_dilated(x, w, strides, padding, dimension_numbers=dnums, **kwargs)
+
+    return conv
+
+
+def _lax(case):
+    _, _, _, strides, padding, dnums = case
+    return lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dnums)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("case", LOOP_SAFE_CASES, ids=[c[0] for c in LOOP_SAFE_CASES])
+def test_loop_safe_conv_on_onednn_matches_lax_to_second_order(case, route):
+    kx, kw = jax.random.split(jax.random.PRNGKey(1))
+    x = jax.random.normal(kx, case[1], jnp.float32)
+    w = jax.random.normal(kw, case[2], jnp.float32)
+
+    def first(conv):
+        return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1))
+
+    def second(conv):  # the input gradient's norm, differentiated again in (x, w)
+        def inner(x, w):
+            return jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, w))))(x) ** 2)
+
+        return jax.grad(inner, argnums=(0, 1))
+
+    conv, reference = _loop_safe(case, **ROUTES[route]), _lax(case)
+    (value, grads), (value_ref, grads_ref) = jax.jit(first(conv))(x, w), first(reference)(x, w)
+    _close(value, value_ref)
+    for got, want in zip(grads, grads_ref):
+        _close(got, want)
+    for got, want in zip(jax.jit(second(conv))(x, w), second(reference)(x, w)):
+        _close(got, want)
+
+
+def test_loop_safe_conv_on_onednn_inside_scan_and_checkpointed_solver_matches_lax():
+    from anode_jax.ode import odeint
+
+    case = LOOP_SAFE_CASES[0][:1] + ((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), "SAME", NHWC)
+    kx, kw = jax.random.split(jax.random.PRNGKey(2))
+    x = jax.random.normal(kx, case[1], jnp.float32)
+    w = 0.2 * jax.random.normal(kw, case[2], jnp.float32)
+
+    def loss(conv, adjoint, unroll=None):
+        def field(t, y, w):
+            return jnp.tanh(conv(y, w))
+
+        def solve(w, x):
+            return odeint(field, x, w, num_steps=6, adjoint=adjoint, unroll=unroll)
+
+        return lambda w, x: jnp.sum(solve(w, x) ** 2)
+
+    reference = jax.grad(loss(_lax(case), "direct", unroll=True), argnums=(0, 1))(w, x)
+    for adjoint in ("anode", "checkpointed:2"):
+        grads = jax.jit(jax.grad(loss(_loop_safe(case, **ROUTES["all-onednn"]), adjoint), (0, 1)))(
+            w, x
+        )
+        for got, want in zip(grads, reference):
+            _close(got, want)
+
+
+def test_autotuner_measures_onednn_and_keys_the_cache_by_the_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "on")
+    monkeypatch.setenv("ANODE_JAX_AUTOTUNE_CACHE", str(tmp_path))
+    autotune.clear_memory()
+    real_measure, measured = autotune.measure, []
+
+    def counting_measure(candidates, args):
+        measured.append(tuple(candidates))
+        return real_measure(candidates, args, rounds=1)
+
+    monkeypatch.setattr(autotune, "measure", counting_measure)
+    case = LOOP_SAFE_CASES[0]
+    x, w = jnp.ones(case[1], jnp.float32), jnp.ones(case[2], jnp.float32)
+    conv = _loop_safe(case)
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))(x, w)
+    grads_ref = jax.grad(lambda x, w: jnp.sum(_lax(case)(x, w) ** 2), argnums=(0, 1))(x, w)
+    for got, want in zip(grads, grads_ref):
+        _close(got, want)
+    assert sorted(measured) == sorted(
+        [("xla", "onednn"), ("conv", "taps", "onednn"), ("conv", "taps", "gemm", "onednn")]
+    )
+    (path,) = tmp_path.glob("autotune-*.json")
+    keys = [json.loads(k) for k in json.loads(path.read_text())["entries"]]
+    assert sorted(k["kind"] for k in keys) == [
+        "conv_forward",
+        "conv_input_gradient",
+        "conv_weight_gradient",
+    ]
+    assert all(k["onednn"] == onednn.build_id() and "onednn" in k["candidates"] for k in keys)
+    autotune.clear_memory()

@@ -235,13 +235,8 @@ def _private_uses(display, module, path, text):
     return found
 
 
-# Private uses allowed across packages (file, dotted name). bench_onednn.py measures the resnet
-# step with the loop-safe conv's core swapped for oneDNN custom calls while that one program is
-# compiled (a measurement of a route the library does not offer; docs/bench_onednn.md).
-PRIVATE_IMPORT_ALLOWLIST: set[tuple[str, str]] = {
-    ("benchmarks/bench_onednn.py", "anode_jax.nn._conv"),
-    ("benchmarks/bench_onednn.py", "anode_jax.nn._conv._conv"),
-}
+# Private uses allowed across packages (file, dotted name): none at present.
+PRIVATE_IMPORT_ALLOWLIST: set[tuple[str, str]] = set()
 
 
 def test_no_private_imports_across_packages():

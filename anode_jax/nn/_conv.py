@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,12 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import autotune
+from . import autotune, onednn
 
 #: Formulations of the weight gradient accepted by `weight_gradient=`.
-WEIGHT_GRADIENT_METHODS = ("auto", "conv", "taps", "gemm")
+WEIGHT_GRADIENT_METHODS = ("auto", "conv", "taps", "gemm", "onednn")
 #: Formulations of the input gradient accepted by `input_gradient=`.
-INPUT_GRADIENT_METHODS = ("auto", "conv", "taps")
+INPUT_GRADIENT_METHODS = ("auto", "conv", "taps", "onednn")
+#: Implementations of the forward convolution accepted by `forward=`.
+FORWARD_METHODS = ("auto", "xla", "onednn")
 
 
 def _canonical_dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:
@@ -112,6 +115,7 @@ def conv_general_dilated(
     *,
     weight_gradient: str = "auto",
     input_gradient: str = "auto",
+    forward: str = "auto",
 ) -> jax.Array:
     """Drop-in for `lax.conv_general_dilated` with a loop-safe reverse-mode derivative.
 
@@ -135,7 +139,8 @@ def conv_general_dilated(
     convolution.
 
     Differentiation: reverse mode to any order (`grad`, `grad` of `grad`: the backward
-    is built from this function itself, transposes, reshapes, slices and einsums);
+    is built from this function itself, transposes, reshapes, slices and einsums, or
+    oneDNN's gradient kernels with their own VJPs);
     `vmap` and `jit` work. **Forward mode (`jvp`, `jacfwd`, `linearize` of a
     `jvp`) is not supported**: it is a `jax.custom_vjp` function, and JAX raises
     `TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function` — use
@@ -147,25 +152,39 @@ def conv_general_dilated(
       batch_group_count: must be 1 (ValueError otherwise).
       preferred_element_type: must be None (ValueError otherwise).
       weight_gradient: `"auto"` (the fastest measured on this machine, see below),
-        `"conv"`, `"taps"` or `"gemm"` (force one formulation).
+        `"conv"`, `"taps"`, `"gemm"` or `"onednn"` (force one formulation).
       input_gradient: `"auto"`, `"conv"` (one canonical convolution with the flipped
-        kernel) or `"taps"` (the transpose of per-tap matrix products).
+        kernel), `"taps"` (the transpose of per-tap matrix products) or `"onednn"`.
+      forward: `"auto"`, `"xla"` (`lax.conv_general_dilated` in the canonical layout) or
+        `"onednn"`.
 
-    Choice by measurement (`"auto"`): when the backward is first traced for a new shape
-    (under `jit` that is at compile time; shapes are static), every formulation is
-    compiled and timed on random inputs of that shape outside the trace, and the fastest
-    is used and cached in memory and on disk per machine (CPU model and flags, backend,
-    jax/jaxlib, `XLA_FLAGS`). `ANODE_JAX_AUTOTUNE=off` uses the deterministic default
-    (`weight_gradient_method`, a convolution for the input gradient),
+    oneDNN (`"onednn"`): kernels of the optional extension `anode_jax.nn.onednn` (built by
+    `scripts/build_onednn.sh`, which `scripts/setup.sh` runs when it can), called as XLA
+    custom calls. A candidate only when the extension is built, the default backend is the
+    CPU and the convolution is 2-D float32 with one feature group, no dilation and
+    non-negative padding (`onednn_unsupported_reason`); its kernels have no derivative of
+    their own, so the VJP of a oneDNN gradient is that of the same linear map written with
+    XLA convolutions (higher orders still work). Under `vmap` it runs one call per mapped
+    element (docs/bench_onednn.md).
+
+    Choice by measurement (`"auto"`): when the forward and the backward are first traced for
+    a new shape (under `jit` that is at compile time; shapes are static), every formulation
+    that can compute it is compiled and timed on random inputs of that shape outside the
+    trace, and the fastest is used and cached in memory and on disk per machine (CPU model
+    and flags, backend, jax/jaxlib, `XLA_FLAGS`, the candidates and the oneDNN build).
+    `ANODE_JAX_AUTOTUNE=off` uses the deterministic default (XLA's forward,
+    `weight_gradient_method`, a convolution for the input gradient; never oneDNN),
     `ANODE_JAX_AUTOTUNE=cache` uses cached choices only, `ANODE_JAX_AUTOTUNE_CACHE=<dir>`
-    moves the cache (default `~/.cache/anode_jax`), and
+    moves the cache (default `~/.cache/anode_jax`), and `ANODE_JAX_CONV_FORWARD` /
     `ANODE_JAX_CONV_WEIGHT_GRADIENT` / `ANODE_JAX_CONV_INPUT_GRADIENT` pin a formulation
-    for every call. All formulations give the same gradients up to rounding.
+    for every call (a pinned `onednn` falls back to the default where it cannot compute a
+    convolution). All formulations give the same values and gradients up to rounding.
 
     Raises:
       ValueError: for `batch_group_count != 1`, a `preferred_element_type`, an unknown
-        `weight_gradient`, `input_gradient` or padding string, or arguments of the
-        wrong length.
+        `weight_gradient`, `input_gradient`, `forward` or padding string, arguments of the
+        wrong length, or `"onednn"` requested for a convolution it cannot compute (the
+        reason and the valid choices are named).
     """
     if batch_group_count != 1:
         raise ValueError(
@@ -185,6 +204,8 @@ def conv_general_dilated(
         raise ValueError(
             f"input_gradient must be one of {INPUT_GRADIENT_METHODS}, got {input_gradient!r}."
         )
+    if forward not in FORWARD_METHODS:
+        raise ValueError(f"forward must be one of {FORWARD_METHODS}, got {forward!r}.")
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     if lhs.ndim != rhs.ndim or lhs.ndim < 3:
         raise ValueError(
@@ -221,7 +242,21 @@ def conv_general_dilated(
             )
     if isinstance(precision, list):
         precision = tuple(precision)
-    methods = (weight_gradient, input_gradient)
+    methods = (weight_gradient, input_gradient, forward)
+    requested = [
+        f"{name}={value!r}"
+        for name, value in zip(("weight_gradient", "input_gradient", "forward"), methods)
+        if value == "onednn"
+    ]
+    if requested:
+        reason = onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups)
+        if reason is not None:
+            raise ValueError(
+                f"{', '.join(requested)}: oneDNN cannot compute this convolution ({reason}); "
+                "use 'auto' (chooses among the formulations that can) or name another one: "
+                f"forward {FORWARD_METHODS}, input_gradient {INPUT_GRADIENT_METHODS}, "
+                f"weight_gradient {WEIGHT_GRADIENT_METHODS}."
+            )
     y = _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods)
     # y is (batch, spatial..., feature); out_spec[k] is where dimension k of the spec goes.
     out_perm = [0] * lhs.ndim
@@ -274,29 +309,38 @@ def _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
-def _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
-    """Canonical-layout convolution (x: (N, *S, C_in), w: (*K, C_in/G, C_out)).
+def onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups) -> str | None:
+    """Why oneDNN cannot compute this canonical convolution, or None when it can.
 
-    methods: (weight gradient, input gradient) formulations of the backward.
+    oneDNN (`anode_jax.nn.onednn`, optional) is a candidate formulation of the forward pass and
+    of both gradients when its extension is built, JAX's default backend is the CPU, and the
+    convolution is 2-D float32 with one feature group, no dilation and non-negative padding.
     """
-    del methods
-    return _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision)
+    reason = onednn.unavailable_reason()
+    if reason is not None:
+        return reason
+    if jax.default_backend() != "cpu":
+        return f"it runs on the CPU backend only, the default backend is {jax.default_backend()!r}"
+    if x.ndim != 4:
+        return f"2-D convolutions only, this one has {x.ndim - 2} spatial dimensions"
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return f"float32 only, got {x.dtype} and {w.dtype}"
+    if groups != 1:
+        return f"one feature group only, got feature_group_count={groups}"
+    if any(d != 1 for d in tuple(lhs_dil) + tuple(rhs_dil)):
+        return f"no dilation, got lhs_dilation={lhs_dil} and rhs_dilation={rhs_dil}"
+    if any(p < 0 for pair in pads for p in pair):
+        return f"non-negative padding only, got {pads}"
+    return None
 
 
-def _conv_fwd(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
-    y = _conv_raw(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision)
-    return y, (x, w)
-
-
-def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, residuals, ct):
-    x, w = residuals
-    geometry = (strides, pads, lhs_dil, rhs_dil, groups, precision)
-    weight_method, input_method = methods
+def _fields(x, w, out_shape, geometry, onednn_ok) -> dict[str, Any]:
+    """What a measured choice for this convolution depends on (the autotune cache key)."""
+    strides, pads, lhs_dil, rhs_dil, groups, precision = geometry
     fields = {
         "x": list(x.shape),
         "w": list(w.shape),
-        "ct": list(ct.shape),
+        "ct": list(out_shape),
         "strides": list(strides),
         "pads": [list(p) for p in pads],
         "lhs_dilation": list(lhs_dil),
@@ -305,32 +349,130 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, resid
         "dtype": str(x.dtype),
         "precision": str(precision),
     }
-    if input_method == "auto":
-        candidates = {
+    if onednn_ok:
+        # a rebuilt extension (another oneDNN) is measured again
+        fields["onednn"] = onednn.build_id()
+    return fields
+
+
+def _choose(
+    kind, requested, methods, candidates, args, *, default, pin_env, fields, onednn_ok
+) -> str:
+    """The formulation to run: the one requested per call, else pinned, cached or measured.
+
+    `candidates` are the formulations that can compute this convolution. A per-call or pinned
+    "onednn" where oneDNN cannot (only reached by the convolutions nested in another
+    formulation: the public function rejects it up front) falls back to the automatic choice
+    and to the default, respectively.
+    """
+    if requested != "auto" and (requested != "onednn" or onednn_ok):
+        return requested
+    pinned = os.environ.get(pin_env, "").strip()
+    if pinned == "onednn" and not onednn_ok:
+        return default
+    if pinned and pinned not in methods[1:]:
+        raise ValueError(f"{pin_env} must be one of {methods[1:]}, got {pinned!r}.")
+    return autotune.choose(kind, fields, candidates, args, default=default, pin_env=pin_env)
+
+
+def _out_shape(x, w, strides, pads, lhs_dil, rhs_dil) -> tuple[int, ...]:
+    spatial = tuple(
+        (_dilate(s, ld) + lo + hi - _dilate(k, rd)) // st + 1
+        for s, k, st, (lo, hi), ld, rd in zip(
+            x.shape[1:-1], w.shape[:-2], strides, pads, lhs_dil, rhs_dil
+        )
+    )
+    return (x.shape[0],) + spatial + (w.shape[-1],)
+
+
+def _forward(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
+    """The canonical convolution's value with the chosen implementation ("xla" | "onednn")."""
+    geometry = (strides, pads, lhs_dil, rhs_dil, groups, precision)
+    onednn_ok = onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups) is None
+    candidates = {
+        "xla": functools.partial(
+            _conv_raw,
+            strides=strides,
+            pads=pads,
+            lhs_dil=lhs_dil,
+            rhs_dil=rhs_dil,
+            groups=groups,
+            precision=precision,
+        )
+    }
+    if onednn_ok:
+        candidates["onednn"] = functools.partial(
+            onednn.conv_forward, window_strides=strides, padding=pads
+        )
+    method = _choose(
+        "conv_forward",
+        methods[2],
+        FORWARD_METHODS,
+        candidates,
+        (_abstract(x), _abstract(w)),
+        default="xla",
+        pin_env="ANODE_JAX_CONV_FORWARD",
+        fields=_fields(
+            x, w, _out_shape(x, w, strides, pads, lhs_dil, rhs_dil), geometry, onednn_ok
+        ),
+        onednn_ok=onednn_ok,
+    )
+    with jax.named_scope(f"conv_forward_{method}"):
+        return candidates[method](x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
+    """Canonical-layout convolution (x: (N, *S, C_in), w: (*K, C_in/G, C_out)).
+
+    methods: (weight gradient, input gradient, forward) formulations.
+    """
+    return _forward(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods)
+
+
+def _conv_fwd(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
+    # Through `_conv` itself, not `_forward`: a higher-order derivative differentiates this
+    # rule, and must meet the custom rule (a oneDNN forward has no derivative of its own).
+    y = _conv(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods)
+    return y, (x, w)
+
+
+def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, residuals, ct):
+    x, w = residuals
+    geometry = (strides, pads, lhs_dil, rhs_dil, groups, precision)
+    weight_method, input_method, _ = methods
+    onednn_ok = onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups) is None
+    fields = _fields(x, w, ct.shape, geometry, onednn_ok)
+    input_names = INPUT_GRADIENT_METHODS[1:] if onednn_ok else INPUT_GRADIENT_METHODS[1:-1]
+    input_method = _choose(
+        "conv_input_gradient",
+        input_method,
+        INPUT_GRADIENT_METHODS,
+        {
             m: functools.partial(_input_grad, m, x.shape, geometry=geometry, methods=methods)
-            for m in INPUT_GRADIENT_METHODS[1:]
-        }
-        input_method = autotune.choose(
-            "conv_input_gradient",
-            fields,
-            candidates,
-            (_abstract(ct), _abstract(w)),
-            default="conv",
-            pin_env="ANODE_JAX_CONV_INPUT_GRADIENT",
-        )
-    if weight_method == "auto":
-        candidates = {
+            for m in input_names
+        },
+        (_abstract(ct), _abstract(w)),
+        default="conv",
+        pin_env="ANODE_JAX_CONV_INPUT_GRADIENT",
+        fields=fields,
+        onednn_ok=onednn_ok,
+    )
+    weight_names = WEIGHT_GRADIENT_METHODS[1:] if onednn_ok else WEIGHT_GRADIENT_METHODS[1:-1]
+    weight_method = _choose(
+        "conv_weight_gradient",
+        weight_method,
+        WEIGHT_GRADIENT_METHODS,
+        {
             m: functools.partial(_weight_grad, m, w.shape, geometry=geometry, methods=methods)
-            for m in WEIGHT_GRADIENT_METHODS[1:]
-        }
-        weight_method = autotune.choose(
-            "conv_weight_gradient",
-            fields,
-            candidates,
-            (_abstract(x), _abstract(ct)),
-            default=weight_gradient_method(x.shape, w.shape, ct.shape, groups),
-            pin_env="ANODE_JAX_CONV_WEIGHT_GRADIENT",
-        )
+            for m in weight_names
+        },
+        (_abstract(x), _abstract(ct)),
+        default=weight_gradient_method(x.shape, w.shape, ct.shape, groups),
+        pin_env="ANODE_JAX_CONV_WEIGHT_GRADIENT",
+        fields=fields,
+        onednn_ok=onednn_ok,
+    )
     # named scopes: profiles and HLO metadata tell the two gradients apart
     with jax.named_scope(f"conv_input_grad_{input_method}"):
         dx = _input_grad(input_method, x.shape, ct, w, geometry=geometry, methods=methods)
@@ -346,6 +488,8 @@ def _abstract(a) -> jax.ShapeDtypeStruct:
 def _input_grad(method, x_shape, ct, w, *, geometry, methods):
     """dx of the canonical conv with the given formulation ("conv" | "taps")."""
     strides, pads, lhs_dil, rhs_dil, groups, precision = geometry
+    if method == "onednn":
+        return _onednn_input_grad(tuple(x_shape), ct, w, geometry, methods)
     if method == "taps":
         x_struct = jax.ShapeDtypeStruct(tuple(x_shape), ct.dtype)
         forward = functools.partial(
@@ -385,6 +529,8 @@ def _weight_grad(method, w_shape, x, ct, *, geometry, methods):
     """dw of the canonical conv with the given formulation ("conv" | "taps" | "gemm")."""
     strides, pads, lhs_dil, rhs_dil, groups, precision = geometry
     kernel = tuple(w_shape[:-2])
+    if method == "onednn":
+        return _onednn_weight_grad(tuple(w_shape), x, ct, geometry, methods)
     if method in ("taps", "gemm"):
         return _weight_grad_taps(
             x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, flat=method == "gemm"
@@ -436,7 +582,16 @@ def _conv_taps(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision):
 
 
 def _weight_grad_conv(
-    x, ct, kernel, strides, pads, lhs_dil, rhs_dil, groups, precision, methods=("auto", "auto")
+    x,
+    ct,
+    kernel,
+    strides,
+    pads,
+    lhs_dil,
+    rhs_dil,
+    groups,
+    precision,
+    methods=("auto", "auto", "auto"),
 ):
     """dw as one canonical convolution: channels of x as batch, the cotangent as kernel."""
     num_spatial = x.ndim - 2
@@ -482,3 +637,45 @@ def _weight_grad_taps(
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# oneDNN's two gradient kernels are custom calls with no derivative of their own. Each
+# gradient is linear in both of its operands, so its VJP is that of the same map written
+# with XLA convolutions ("conv"), whose own backward is loop-safe and chosen by measurement:
+# higher reverse-mode derivatives work whichever formulation the first one used.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _onednn_input_grad(x_shape, ct, w, geometry, methods):
+    strides, pads = geometry[:2]
+    return onednn.conv_input_grad(ct, w, x_shape, strides, pads)
+
+
+def _onednn_input_grad_fwd(x_shape, ct, w, geometry, methods):
+    return _onednn_input_grad(x_shape, ct, w, geometry, methods), (ct, w)
+
+
+def _onednn_input_grad_bwd(x_shape, geometry, methods, residuals, g):
+    same_map = functools.partial(_input_grad, "conv", x_shape, geometry=geometry, methods=methods)
+    return jax.vjp(same_map, *residuals)[1](g)
+
+
+_onednn_input_grad.defvjp(_onednn_input_grad_fwd, _onednn_input_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _onednn_weight_grad(w_shape, x, ct, geometry, methods):
+    strides, pads = geometry[:2]
+    return onednn.conv_weight_grad(x, ct, w_shape, strides, pads)
+
+
+def _onednn_weight_grad_fwd(w_shape, x, ct, geometry, methods):
+    return _onednn_weight_grad(w_shape, x, ct, geometry, methods), (x, ct)
+
+
+def _onednn_weight_grad_bwd(w_shape, geometry, methods, residuals, g):
+    same_map = functools.partial(_weight_grad, "conv", w_shape, geometry=geometry, methods=methods)
+    return jax.vjp(same_map, *residuals)[1](g)
+
+
+_onednn_weight_grad.defvjp(_onednn_weight_grad_fwd, _onednn_weight_grad_bwd)

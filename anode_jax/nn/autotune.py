@@ -21,13 +21,22 @@ times every candidate once, on first use, and remembers the fastest:
   `machine_key` (CPU model and ISA flags, core count, backend and device kind,
   jax/jaxlib versions, `XLA_FLAGS`), so files from different machines or flag settings never
   mix. A corrupt or unreadable file is ignored with a warning and rewritten.
+* **What is measured.** For each convolution shape: its forward pass (XLA's convolution, or
+  oneDNN's when the optional extension `anode_jax.nn.onednn` is built), its input gradient and
+  its weight gradient (the formulations listed in `anode_jax.nn.INPUT_GRADIENT_METHODS` /
+  `WEIGHT_GRADIENT_METHODS`, oneDNN's among them when built and applicable). An entry's key
+  holds the candidate names (and the extension's build digest), so building or rebuilding the
+  extension leads to a new measurement.
 * **Switches.** `ANODE_JAX_AUTOTUNE=off` (or `0`): never measure, never read or write the
-  cache; use the deterministic default rule (`anode_jax.nn.weight_gradient_method`
-  for the weight gradient, a convolution for the input gradient). `ANODE_JAX_AUTOTUNE=cache`:
-  use cached choices, on a miss the default rule without measuring. `on` (default): measure
-  on a miss. Pin one formulation for every call with `ANODE_JAX_CONV_WEIGHT_GRADIENT=<name>` /
-  `ANODE_JAX_CONV_INPUT_GRADIENT=<name>`, or per call with `weight_gradient=` /
-  `input_gradient=` of `anode_jax.nn.conv_general_dilated`.
+  cache; use the deterministic default rule (XLA's forward convolution,
+  `anode_jax.nn.weight_gradient_method` for the weight gradient, a convolution for the input
+  gradient; never oneDNN). `ANODE_JAX_AUTOTUNE=cache`: use cached choices, on a miss the
+  default rule without measuring. `on` (default): measure on a miss. Pin one formulation for
+  every call with `ANODE_JAX_CONV_FORWARD=xla|onednn`,
+  `ANODE_JAX_CONV_WEIGHT_GRADIENT=<name>` / `ANODE_JAX_CONV_INPUT_GRADIENT=<name>` (a pinned
+  `onednn` falls back to the default rule where oneDNN cannot compute a convolution), or per
+  call with `forward=`, `weight_gradient=` / `input_gradient=` of
+  `anode_jax.nn.conv_general_dilated`.
 * **When measuring fails** (a candidate does not compile or runs out of memory), that
   candidate is skipped; if none can be timed, the default rule is used with a warning.
 
@@ -300,7 +309,11 @@ def choose(
     current = mode()
     if current == "off":
         return default
-    key = json.dumps({"kind": kind, **fields}, sort_keys=True, default=str)
+    # the candidates are part of the key: a formulation that becomes available (an optional
+    # extension built) is measured against the others, not ignored in favour of an old entry
+    key = json.dumps(
+        {"kind": kind, "candidates": sorted(candidates), **fields}, sort_keys=True, default=str
+    )
     entry = lookup(key)
     if entry is not None and entry["choice"] in candidates:
         return entry["choice"]

@@ -1,9 +1,11 @@
-"""Optional 2-D convolutions through oneDNN as XLA custom calls (`jax.ffi`), for measurement.
+"""Optional 2-D convolutions through oneDNN as XLA custom calls (`jax.ffi`).
 
-An experiment against XLA:CPU's own (Eigen) convolution kernels, which are slower than
-oneDNN's at the papers' small shapes (docs/bench_onednn.md has the figures and the
-trade-off). Not used by the library's models; `benchmarks/bench_onednn.py` routes the
-loop-safe convolution through it.
+XLA:CPU's own (Eigen) convolution kernels are slower than oneDNN's at many of the papers'
+small shapes (docs/bench_onednn.md has the figures and the trade-off). When this extension is
+built, the loop-safe convolution (`anode_jax.nn.conv_general_dilated`, which the models use)
+offers oneDNN as one more candidate for its forward pass and for each gradient, and its
+autotuner picks it per shape where it measures fastest (docs/bench_conv.md); the functions
+here are the raw kernels.
 
 The extension is a C++ source (`conv.cc`) compiled by `scripts/build_onednn.sh` against
 oneDNN 3.2 (the registry's CPU-only `onednn-cpu-gomp` wheel, unpacked under `build/`) and
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -47,6 +50,18 @@ def unavailable_reason() -> str | None:
 def available() -> bool:
     """Whether the oneDNN convolution extension is built and registered with XLA."""
     return unavailable_reason() is None
+
+
+def build_id() -> str | None:
+    """A digest of the built extension (None when not built): part of the autotune cache key,
+    so that choices measured with one build are measured again after a rebuild."""
+    if "build_id" not in _state:
+        try:
+            with open(_LIBRARY_PATH, "rb") as f:
+                _state["build_id"] = hashlib.sha256(f.read()).hexdigest()[:16]
+        except OSError:
+            _state["build_id"] = None
+    return _state["build_id"]
 
 
 def _load():
