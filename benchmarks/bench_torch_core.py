@@ -218,11 +218,15 @@ def jax_output(num_steps, field=None):
 
 
 @contextlib.contextmanager
-def pinned(input_gradient, weight_gradient):
-    """The loop-safe conv's backward formulations pinned while programs are traced."""
+def pinned(input_gradient, weight_gradient, forward=None):
+    """The loop-safe conv's formulations pinned while programs are traced (forward: only if
+    given)."""
     names = ("ANODE_JAX_CONV_INPUT_GRADIENT", "ANODE_JAX_CONV_WEIGHT_GRADIENT")
+    values = (input_gradient, weight_gradient)
+    if forward is not None:
+        names, values = names + ("ANODE_JAX_CONV_FORWARD",), values + (forward,)
     saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(zip(names, (input_gradient, weight_gradient)))
+    os.environ.update(zip(names, values))
     try:
         yield
     finally:
@@ -304,11 +308,13 @@ def compile_grad(num_steps, adjoint, z0, params, field=None, compiler_options=No
 
 
 def formulations(compiled) -> str:
-    """The loop-safe conv's backward formulations present in a compiled program."""
+    """The loop-safe conv's formulations present in a compiled program (named scopes)."""
     text = compiled.as_text()
+    fwd = sorted(set(re.findall(r"conv_forward_([a-z]+)", text)))
     inp = sorted(set(re.findall(r"conv_input_grad_([a-z]+)", text)))
     wgt = sorted(set(re.findall(r"conv_weight_grad_([a-z]+)", text)))
-    return f"input {'+'.join(inp) or '?'}, weight {'+'.join(wgt) or '?'}"
+    forward = f"forward {'+'.join(fwd)}, " if fwd else ""
+    return f"{forward}input {'+'.join(inp) or '?'}, weight {'+'.join(wgt) or '?'}"
 
 
 def rel_diff(a, b) -> float:
@@ -467,8 +473,9 @@ def main():
     parser.add_argument(
         "--pin",
         default="",
-        metavar="INPUT/WEIGHT",
-        help="add an `anode` row with the conv-gradient formulations pinned, e.g. conv/gemm",
+        metavar="INPUT/WEIGHT[/FORWARD]",
+        help="add an `anode` row with the conv formulations pinned, e.g. conv/gemm or "
+        "conv/conv/xla (XLA's kernels only, when the oneDNN extension is built)",
     )
     parser.add_argument(
         "--merge_from",
