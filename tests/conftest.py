@@ -17,6 +17,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # headless: notebooks and plots neve
 os.environ["ANODE_JAX_AUTOTUNE"] = "off"
 os.environ.pop("ANODE_JAX_CONV_WEIGHT_GRADIENT", None)
 os.environ.pop("ANODE_JAX_CONV_INPUT_GRADIENT", None)
+os.environ.pop("ANODE_JAX_CONV_FORWARD", None)
 
 import jax
 import numpy as np

@@ -10,6 +10,8 @@ benchmarks/bench_onednn.py measures speed (docs/bench_onednn.md).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -260,3 +262,37 @@ def test_autotuner_measures_onednn_and_keys_the_cache_by_the_build(tmp_path, mon
     ]
     assert all(k["onednn"] == onednn.build_id() and "onednn" in k["candidates"] for k in keys)
     autotune.clear_memory()
+
+
+def test_not_offered_when_several_devices_are_visible(tmp_path):
+    # The custom calls have no partitioning rule: under a sharded jit XLA would gather their
+    # operands onto every device. With several devices oneDNN is no candidate: asked for, a
+    # ValueError with the reason; pinned, the XLA formulations (same values as lax).
+    script = tmp_path / "devices.py"
+    script.write_text(
+        "import os\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'\n"
+        "os.environ['ANODE_JAX_AUTOTUNE'] = 'off'\n"
+        "os.environ['ANODE_JAX_CONV_FORWARD'] = 'onednn'\n"
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "from jax import lax\n"
+        "from anode_jax.nn import conv_general_dilated\n"
+        "dn = ('NHWC', 'HWIO', 'NHWC')\n"
+        "x, w = jnp.ones((4, 6, 6, 3)), jnp.ones((3, 3, 3, 2))\n"
+        "try:\n"
+        "    conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn, forward='onednn')\n"
+        "except ValueError as e:\n"
+        "    print('raised:', e)\n"
+        "y = jax.jit(lambda x, w: conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn))\n"
+        "text = y.lower(x, w).compile().as_text()\n"
+        "print('custom calls:', text.count('anode_onednn_conv'))\n"
+        "ref = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn)\n"
+        "print('max diff:', float(jnp.max(jnp.abs(y(x, w) - ref))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    assert "raised: forward='onednn': oneDNN cannot compute this convolution" in out
+    assert "4 devices are visible" in out
+    assert "custom calls: 0" in out
+    assert "max diff: 0.0" in out

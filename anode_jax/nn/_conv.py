@@ -161,7 +161,8 @@ def conv_general_dilated(
     oneDNN (`"onednn"`): kernels of the optional extension `anode_jax.nn.onednn` (built by
     `scripts/build_onednn.sh`, which `scripts/setup.sh` runs when it can), called as XLA
     custom calls. A candidate only when the extension is built, the default backend is the
-    CPU and the convolution is 2-D float32 with one feature group, no dilation and
+    CPU with a single device (no partitioning rule for sharded programs) and the convolution
+    is 2-D float32 with one feature group, no dilation and
     non-negative padding (`onednn_unsupported_reason`); its kernels have no derivative of
     their own, so the VJP of a oneDNN gradient is that of the same linear map written with
     XLA convolutions (higher orders still work). Under `vmap` it runs one call per mapped
@@ -313,14 +314,23 @@ def onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups) -> str | Non
     """Why oneDNN cannot compute this canonical convolution, or None when it can.
 
     oneDNN (`anode_jax.nn.onednn`, optional) is a candidate formulation of the forward pass and
-    of both gradients when its extension is built, JAX's default backend is the CPU, and the
-    convolution is 2-D float32 with one feature group, no dilation and non-negative padding.
+    of both gradients when its extension is built, JAX's default backend is the CPU with one
+    device (a sharded program would gather the custom calls' operands onto every device), and
+    the convolution is 2-D float32 with one feature group, no dilation and non-negative
+    padding.
     """
     reason = onednn.unavailable_reason()
     if reason is not None:
         return reason
     if jax.default_backend() != "cpu":
         return f"it runs on the CPU backend only, the default backend is {jax.default_backend()!r}"
+    if jax.device_count() > 1:
+        # The custom calls have no partitioning rule: under a sharded jit XLA would gather
+        # every sharded operand onto each device (correct, but no data parallelism).
+        return (
+            f"single-device programs only, {jax.device_count()} devices are visible and its "
+            "custom calls have no partitioning rule"
+        )
     if x.ndim != 4:
         return f"2-D convolutions only, this one has {x.ndim - 2} spatial dimensions"
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
