@@ -543,20 +543,25 @@ def trade_off(payload) -> list[str]:
         "g++ against them and the installed jaxlib's FFI headers (`jax.ffi.include_dir()`): "
         "≈ 11 s here, a 0.15 MB `_onednn_conv.so` linked to `libdnnl.so.3` by rpath. Needs a "
         "C++17 compiler on the user's machine, or a platform wheel per OS/arch if shipped "
-        "prebuilt (the package is pure Python today). |",
+        "prebuilt (the package is pure Python today). `scripts/setup.sh` runs it when it can "
+        "(≈ 1 min with the downloads on a fresh clone). |",
         "| ABI / version coupling | XLA's FFI is a versioned C ABI (these headers: FFI API "
         "0.5), so the extension does not link against jaxlib; it is built against one jaxlib's "
         "headers and must be rebuilt (and retested) when jaxlib's FFI major version changes. "
         "oneDNN's C++ API is header-only over a stable C ABI within major version 3 "
         "(`libdnnl.so.3`). |",
-        "| what works | `jit`; `grad` to first order (a `jax.custom_vjp` whose backward is "
-        "the two gradient kernels: `grad` of `grad` fails, the custom calls have no derivative; "
-        "the loop-safe conv supports any order); `lax.scan` / `fori_loop` bodies (no layout "
-        'pass involved); `vmap` only sequentially (`vmap_method="sequential"`: one call per '
-        "mapped element); no forward mode; CPU only (GPU/TPU keep XLA's convolutions, where "
-        "cuDNN already serves); float32, 2-D, groups = 1, no dilation (oneDNN has the rest; "
-        "not wired). Untested: sharded meshes (the custom call has no partitioning rule), "
-        "`jax.export` (the target must be registered where the program is loaded). |",
+        "| what works | `jit`; reverse mode to any order through the loop-safe conv (the "
+        "raw `onednn.conv` is first-order only: its backward is the two gradient kernels; "
+        "inside the library each oneDNN gradient has its own VJP, the same linear map written "
+        "with XLA convolutions); `lax.scan` / `fori_loop` bodies (no layout pass involved); "
+        '`vmap` only sequentially (`vmap_method="sequential"`: one call per mapped element); '
+        "no forward mode; CPU only (GPU/TPU keep XLA's convolutions, where cuDNN already "
+        "serves); float32, 2-D, groups = 1, no dilation (oneDNN has the rest; not wired). "
+        "Single-device programs only: the custom calls have no partitioning rule, so under a "
+        "sharded `jit` XLA gathered their operands onto every device (measured on a 4-device "
+        "mesh: correct values, no data parallelism) — the library does not offer oneDNN when "
+        "several devices are visible. Untested: `jax.export` (the target must be registered "
+        "where the program is loaded). |",
         "| runtime caveats | Each oneDNN primitive is created once per geometry and cached for "
         "the process (creation JIT-compiles a kernel, milliseconds). oneDNN runs on its own "
         "OpenMP team next to XLA's thread pool; calls are serialized by a lock (each uses every "
@@ -587,28 +592,32 @@ def trade_off(payload) -> list[str]:
 
 
 PROPOSAL = [
-    "## Integration into the library (proposed, not done)",
+    "## Integration into the library (done)",
     "",
-    "If the step's gain holds on a quieter run, the route fits the existing choice by "
-    "measurement without a new user-facing switch:",
+    "The route is one more candidate of the choice by measurement, without a new switch:",
     "",
-    '1. `anode_jax/nn/_conv.py`: an `"onednn"` entry in `INPUT_GRADIENT_METHODS` and '
-    '`WEIGHT_GRADIENT_METHODS`, and a forward choice (`"xla"` | `"onednn"`, today the '
-    "forward is always XLA's), offered to `autotune.choose` only when `onednn.available()`, the "
-    "backend is CPU and the geometry is supported (2-D, float32, groups = 1, no dilation); "
-    "everything else keeps today's candidates, so a build without the extension is unchanged. "
-    "The choice must stay per shape: oneDNN does not win everywhere (the 4×4×512 weight "
-    "gradient above is slower than the loop-safe conv's per-tap formulation).",
-    "2. Higher-order reverse mode (which the loop-safe conv promises) needs the gradient kernels "
-    "to be differentiable themselves: the input gradient is a transposed convolution whose own "
-    "VJP is the forward kernel and the weight-gradient kernel, and the weight gradient's VJP is "
-    "the forward and input-gradient kernels — three more `custom_vjp` wrappers over the same "
-    "three custom calls.",
-    "3. The autotuner's cache key gains the extension's presence and oneDNN version, so a "
-    "choice measured with it is not reused without it.",
-    "4. Packaging: an optional extra that runs `scripts/build_onednn.sh` (or a prebuilt "
-    "platform wheel); CI keeps testing without it, plus one job that builds it and runs "
-    "tests/test_onednn_conv.py and the conv formulation-equivalence tests with it.",
+    '1. `anode_jax/nn/_conv.py`: `"onednn"` in `INPUT_GRADIENT_METHODS`, '
+    '`WEIGHT_GRADIENT_METHODS` and the new `FORWARD_METHODS` (`"xla"` | `"onednn"`), offered '
+    "to `autotune.choose` only when `onednn.available()`, the backend is the CPU with one "
+    "device and the geometry is supported (2-D, float32, groups = 1, no dilation, non-negative "
+    "padding: `onednn_unsupported_reason`); everything else keeps the XLA candidates, so a "
+    "machine without the extension is unchanged. The choice is per shape (oneDNN does not "
+    "win everywhere: the 4×4×512 weight gradient above).",
+    "2. Higher-order reverse mode: each oneDNN gradient is a `custom_vjp` whose backward is "
+    "the VJP of the same linear map written with XLA convolutions (themselves loop-safe and "
+    "autotuned); the forward rule calls the loop-safe conv itself, so `grad` of `grad` "
+    "meets the custom rule.",
+    "3. The autotuner's cache key holds the candidate names and the extension's build digest "
+    "(`onednn.build_id()`): building or rebuilding it leads to a new measurement.",
+    "4. Packaging: `scripts/setup.sh` (the README's setup, and so CI) runs "
+    "`scripts/build_onednn.sh` on Linux x86-64 with g++, and carries on without it when the "
+    "build fails (`ANODE_JAX_ONEDNN=0` skips it); tests/test_onednn_conv.py then runs the "
+    "oneDNN tests (skipped without the build).",
+    "",
+    "Pins: `ANODE_JAX_CONV_FORWARD` / `ANODE_JAX_CONV_INPUT_GRADIENT` / "
+    "`ANODE_JAX_CONV_WEIGHT_GRADIENT=onednn` put every convolution oneDNN can compute on it "
+    "(the rest on the default formulation); `forward=` / `input_gradient=` / "
+    '`weight_gradient="onednn"` per call (a ValueError naming the reason where it cannot).',
 ]
 
 
