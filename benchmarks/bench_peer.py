@@ -446,7 +446,7 @@ def _run_markdown(payload, heading: str) -> list[str]:
             "",
             "| row | step (s) | images/s | "
             + "".join(f"÷ {p} | " for p in peers)
-            + "params | compile (s) | temp (MiB) | conv backward |",
+            + "params | compile (s) | temp (MiB) | conv formulations |",
             "|---|---|---|" + "---|" * len(peers) + "---|---|---|---|",
         ]
         for label, r in rows.items():
