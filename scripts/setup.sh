@@ -3,7 +3,7 @@
 # then install anode-jax with its dev extra (tests, benchmarks, notebooks), and build the
 # optional oneDNN convolution extension when this machine can (ANODE_JAX_ONEDNN=0 skips it).
 #
-# Search order: $PYTHON (if set), python3.13, python3.12, python3 on PATH, then
+# Search order: $PYTHON (if set), python3.14, python3.13, python3.12, python3 on PATH, then
 # interpreters installed under pyenv (whether or not pyenv selects them), then uv's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +64,10 @@ fi
 # be built the library runs on XLA's own kernels, as before: setup does not fail.
 if [ "${ANODE_JAX_ONEDNN:-1}" = "0" ]; then
   echo "setup: optional oneDNN extension skipped (ANODE_JAX_ONEDNN=0)"
+  if [ -f anode_jax/nn/onednn/_onednn_conv.so ]; then
+    echo "setup: an extension built earlier is still there and will be used; set" \
+      "ANODE_JAX_ONEDNN=0 when running too, or delete anode_jax/nn/onednn/_onednn_conv.so"
+  fi
 elif [ "$(uname -s)-$(uname -m)" != "Linux-x86_64" ] || ! command -v g++ >/dev/null 2>&1; then
   echo "setup: optional oneDNN extension not built (needs Linux x86-64 and g++); XLA's kernels are used"
 else

@@ -189,8 +189,47 @@ def test_real_measure_runs_a_clearly_slower_candidate_only_once():
         return jax.pure_callback(wait, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
 
     seconds = autotune.measure({"a": CANDIDATES["a"], "slow": slow}, ARGS, rounds=3)
-    assert len(calls) == 1  # the warm-up only
+    assert len(calls) == 2  # the untimed warm-up and the one timed run
     assert seconds["slow"] >= 0.2 > autotune.PRUNE_FACTOR * seconds["a"]
+    assert seconds.pruned == ("slow",)
+
+
+def test_real_measure_does_not_hold_one_time_work_against_a_candidate():
+    # slow on its first call only (as a library that builds its kernel on first use): the
+    # untimed warm-up absorbs it, so the candidate is timed in every round, not pruned
+    import time
+
+    calls = []
+
+    def first_call_slow(x):
+        def work(a):
+            calls.append(1)
+            if len(calls) == 1:
+                time.sleep(0.2)
+            return a
+
+        return jax.pure_callback(work, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    def plain(x):  # the same host callback without the one-time work, for a like comparison
+        return jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    seconds = autotune.measure({"plain": plain, "once": first_call_slow}, ARGS, rounds=3)
+    assert seconds.pruned == () and len(calls) == 2 + 3
+    assert seconds["once"] < 0.2
+
+
+def test_pruned_candidates_are_recorded_and_auto_is_no_pin(tuner, monkeypatch):
+    def pruning_measure(candidates, args):
+        timings = autotune.Timings({"a": 3e-3, "b": 1e-3, "c": 9e-3})
+        timings.pruned = ("c",)
+        return timings
+
+    monkeypatch.setattr(autotune, "measure", pruning_measure)
+    monkeypatch.setenv("TEST_PIN", "auto")
+    assert _choose(pin_env="TEST_PIN") == "b"
+    with open(autotune.cache_path()) as f:
+        (entry,) = json.load(f)["entries"].values()
+    assert entry["pruned"] == ["c"] and entry["seconds"]["c"] == 9e-3
 
 
 # ------------------------------------------------------------------------------------------

@@ -183,6 +183,8 @@ def test_forward_mode_raises_a_clear_error():
         (dict(weight_gradient="im2col"), r"weight_gradient must be one of \('auto'"),
         (dict(input_gradient="fft"), r"input_gradient must be one of \('auto', 'conv', 'taps'"),
         (dict(forward="mkl"), r"forward must be one of \('auto', 'xla', 'onednn'\)"),
+        (dict(padding="SAM"), r"padding must be 'SAME', 'VALID', 'SAME_LOWER' or a sequence"),
+        (dict(dimension_numbers=None), r"lhs has 8 input features but rhs expects 3 per group"),
         (dict(lhs_dilation=(2, 2)), "string padding"),
         (dict(window_strides=(1,)), "window_strides must have 2 entries"),
     ],

@@ -289,10 +289,38 @@ def test_not_offered_when_several_devices_are_visible(tmp_path):
         "ref = lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn)\n"
         "print('max diff:', float(jnp.max(jnp.abs(y(x, w) - ref))))\n"
     )
-    out = subprocess.run(
+    run = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True
-    ).stdout
+    )
+    out = run.stdout
+    # the pin's fallback is announced once
+    assert run.stderr.count("ANODE_JAX_CONV_FORWARD=onednn: oneDNN cannot compute") == 1
     assert "raised: forward='onednn': oneDNN cannot compute this convolution" in out
     assert "4 devices are visible" in out
     assert "custom calls: 0" in out
     assert "max diff: 0.0" in out
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "True PASSIVE"),  # spinning OpenMP threads took XLA's cores: passive by default
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "True ACTIVE"),  # a value the user set is kept
+        ({"ANODE_JAX_ONEDNN": "0"}, "False the oneDNN extension is switched off"),
+    ],
+)
+def test_loading_sets_a_passive_openmp_wait_policy_and_can_be_switched_off(env, expected):
+    import os
+
+    code = (
+        "import os\n"
+        "from anode_jax.nn import onednn\n"
+        "ok = onednn.available()\n"
+        "print(ok, os.environ.get('OMP_WAIT_POLICY') if ok else onednn.unavailable_reason())\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY",)}
+    environ.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True
+    ).stdout
+    assert out.startswith(expected)

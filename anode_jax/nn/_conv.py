@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -224,6 +225,20 @@ def conv_general_dilated(
     rhs_perm = tuple(dnums.rhs_spec[2:]) + (dnums.rhs_spec[1], dnums.rhs_spec[0])
     x = _transpose(lhs, lhs_perm)
     w = _transpose(rhs, rhs_perm)
+    # checked before any formulation is traced or measured (lax would say it too, but only
+    # after the autotuner had tried every candidate on the inconsistent shapes)
+    if x.shape[-1] != w.shape[-2] * groups or w.shape[-1] % groups:
+        raise ValueError(
+            f"lhs has {x.shape[-1]} input features but rhs expects {w.shape[-2]} per group × "
+            f"{groups} group(s), with {w.shape[-1]} output features (must be a multiple of the "
+            f"groups); lhs shape {lhs.shape}, rhs shape {rhs.shape}, dimension_numbers "
+            f"{dimension_numbers!r} (None means NCHW/OIHW/NCHW)."
+        )
+    if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+        raise ValueError(
+            "padding must be 'SAME', 'VALID', 'SAME_LOWER' or a sequence of (low, high) pairs, "
+            f"got {padding!r}."
+        )
     if isinstance(padding, str):
         if any(d != 1 for d in lhs_dil):
             raise ValueError(
@@ -379,10 +394,22 @@ def _choose(
         return requested
     pinned = os.environ.get(pin_env, "").strip()
     if pinned == "onednn" and not onednn_ok:
+        if pin_env not in _warned_fallback:
+            _warned_fallback.add(pin_env)
+            warnings.warn(
+                f"{pin_env}=onednn: oneDNN cannot compute some convolutions (the first: "
+                f"{fields['dtype']} x {fields['x']}, w {fields['w']}); they use the default "
+                "formulation (this warning is shown once per variable).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return default
-    if pinned and pinned not in methods[1:]:
-        raise ValueError(f"{pin_env} must be one of {methods[1:]}, got {pinned!r}.")
+    if pinned and pinned not in methods:
+        raise ValueError(f"{pin_env} must be one of {methods}, got {pinned!r}.")
     return autotune.choose(kind, fields, candidates, args, default=default, pin_env=pin_env)
+
+
+_warned_fallback: set[str] = set()
 
 
 def _out_shape(x, w, strides, pads, lhs_dil, rhs_dil) -> tuple[int, ...]:

@@ -34,9 +34,13 @@ times every candidate once, on first use, and remembers the fastest:
   default rule without measuring. `on` (default): measure on a miss. Pin one formulation for
   every call with `ANODE_JAX_CONV_FORWARD=xla|onednn`,
   `ANODE_JAX_CONV_WEIGHT_GRADIENT=<name>` / `ANODE_JAX_CONV_INPUT_GRADIENT=<name>` (a pinned
-  `onednn` falls back to the default rule where oneDNN cannot compute a convolution), or per
-  call with `forward=`, `weight_gradient=` / `input_gradient=` of
-  `anode_jax.nn.conv_general_dilated`.
+  `onednn` falls back to the default rule, with a warning once, where oneDNN cannot compute a
+  convolution; `auto` is no pin), or per call with `forward=`, `weight_gradient=` /
+  `input_gradient=` of `anode_jax.nn.conv_general_dilated`. Precedence: a per-call choice,
+  then a pin, then the mode — pins apply in every mode, `off` included.
+* **Pruning and warm-up.** Each candidate runs once untimed first (one-time work such as
+  oneDNN's kernel generation is not held against it); one that is then over `PRUNE_FACTOR`×
+  the fastest is timed no further, and the entry lists it under `"pruned"`.
 * **When measuring fails** (a candidate does not compile or runs out of memory), that
   candidate is skipped; if none can be timed, the default rule is used with a warning.
 
@@ -64,8 +68,8 @@ import numpy as np
 AUTOTUNE_MODES = ("on", "off", "cache")
 _MODE_ALIASES = {"1": "on", "true": "on", "0": "off", "false": "off", "": "on"}
 
-#: Candidates whose first run is this many times slower than the fastest one's are not timed
-#: again (see `measure`).
+#: Candidates whose first timed run (after an untimed warm-up) is this many times slower than
+#: the fastest one's are not timed again (see `measure`).
 PRUNE_FACTOR = 3.0
 
 #: CPU flags that decide which kernels XLA and its libraries can use.
@@ -165,7 +169,7 @@ def clear_memory() -> None:
         _loaded_files.clear()
 
 
-def _read(path: str) -> dict[str, Any]:
+def _read(path: str, quiet: bool = False) -> dict[str, Any]:
     try:
         with open(path) as f:
             data = json.load(f)
@@ -176,6 +180,8 @@ def _read(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError) as error:
+        if quiet:
+            return {}
         warnings.warn(
             f"anode_jax autotune cache {path} is unreadable ({error}); ignoring it, it will "
             "be rewritten.",
@@ -189,7 +195,8 @@ def _write(path: str, key: str, entry: dict[str, Any]) -> None:
     """Adds one entry to the file (re-read first: another process may have added others)."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        entries = _read(path) if os.path.exists(path) else {}
+        # quiet: an unreadable file was reported when it was first read
+        entries = _read(path, quiet=True) if os.path.exists(path) else {}
         entries[key] = entry
         payload = {"machine": machine_key(), "entries": entries}
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -218,20 +225,28 @@ def lookup(key: str) -> dict[str, Any] | None:
         return _memory.get(key)
 
 
+class Timings(dict):
+    """Least seconds per candidate (a dict), with `pruned`: the candidates timed once only."""
+
+    pruned: tuple[str, ...] = ()
+
+
 def measure(
     candidates: Mapping[str, Callable[..., Any]],
     args: Sequence[jax.ShapeDtypeStruct],
     *,
     rounds: int = 5,
     budget_s: float = 10.0,
-) -> dict[str, float]:
+) -> Timings:
     """Least seconds of each candidate on random inputs shaped like `args` (failed: absent).
 
-    Each candidate is jitted and compiled alone; after one warm-up run each, the candidates run
-    in interleaved rounds (so a change of machine load touches all of them alike) until
-    `rounds` rounds are done or `budget_s` seconds are spent (at least one timed round). A
-    candidate whose warm-up took over `PRUNE_FACTOR`× the fastest warm-up keeps that time and
-    is not run again. Runs outside any surrounding trace.
+    Each candidate is jitted and compiled alone and run once untimed (a first call also pays
+    for one-time work: buffer allocation, a library's kernel generation — oneDNN builds its
+    kernel on the first call of a shape). Then each runs once timed: a candidate whose time
+    is over `PRUNE_FACTOR`× the fastest one's keeps that time and is not run again (listed in
+    the result's `pruned`). The others run in interleaved rounds (so a change of machine load
+    touches all of them alike) until `rounds` rounds are done or `budget_s` seconds are spent.
+    Runs outside any surrounding trace.
     """
     with jax.ensure_compile_time_eval():
         rng = np.random.default_rng(0)
@@ -239,13 +254,11 @@ def measure(
         inputs = [
             jax.device_put((0.1 * rng.standard_normal(a.shape)).astype(a.dtype)) for a in args
         ]
-        compiled, warmup = {}, {}
+        compiled = {}
         for name, fn in candidates.items():
             try:
                 exe = jax.jit(fn).lower(*args).compile()
-                t = time.perf_counter()
-                jax.block_until_ready(exe(*inputs))
-                warmup[name] = time.perf_counter() - t
+                jax.block_until_ready(exe(*inputs))  # untimed warm-up
                 compiled[name] = exe
             except Exception as error:  # a formulation that cannot run here is not a choice
                 warnings.warn(
@@ -254,25 +267,28 @@ def measure(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        # A candidate whose first run took over PRUNE_FACTOR× the fastest first run is not
-        # timed again (its first run stands as its time): it cannot win, and slow
-        # formulations of large layers take seconds per run.
-        fastest = min(warmup.values(), default=0.0)
-        times: dict[str, list[float]] = {
-            name: [] if warmup[name] <= PRUNE_FACTOR * fastest else [warmup[name]]
-            for name in compiled
-        }
+        times: dict[str, list[float]] = {}
+        for name, exe in compiled.items():
+            t = time.perf_counter()
+            jax.block_until_ready(exe(*inputs))
+            times[name] = [time.perf_counter() - t]
+        # A candidate over PRUNE_FACTOR× the fastest is not timed again (that run stands as
+        # its time): it cannot win, and slow formulations of large layers take seconds per run.
+        fastest = min((ts[0] for ts in times.values()), default=0.0)
+        pruned = tuple(name for name, ts in times.items() if ts[0] > PRUNE_FACTOR * fastest)
         start = time.perf_counter()
         for _ in range(max(rounds, 1)):
             for name, exe in compiled.items():
-                if times[name] and warmup[name] > PRUNE_FACTOR * fastest:
+                if name in pruned:
                     continue
                 t = time.perf_counter()
                 jax.block_until_ready(exe(*inputs))
                 times[name].append(time.perf_counter() - t)
             if time.perf_counter() - start > budget_s:
                 break
-    return {name: min(ts) for name, ts in times.items() if ts}
+    result = Timings({name: min(ts) for name, ts in times.items()})
+    result.pruned = pruned
+    return result
 
 
 def choose(
@@ -300,7 +316,7 @@ def choose(
     """
     if pin_env:
         pinned = os.environ.get(pin_env, "").strip()
-        if pinned:
+        if pinned and pinned != "auto":  # "auto": no pin
             if pinned not in candidates:
                 raise ValueError(f"{pin_env} must be one of {tuple(candidates)}, got {pinned!r}.")
             return pinned
@@ -330,7 +346,9 @@ def choose(
     choice = min(seconds, key=seconds.get)
     entry = {
         "choice": choice,
-        "seconds": seconds,
+        "seconds": dict(seconds),
+        # timed once, after a warm-up: over PRUNE_FACTOR× the fastest (see `measure`)
+        "pruned": sorted(getattr(seconds, "pruned", ())),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }

@@ -7,6 +7,10 @@ offers oneDNN as one more candidate for its forward pass and for each gradient, 
 autotuner picks it per shape where it measures fastest (docs/bench_conv.md); the functions
 here are the raw kernels.
 
+Loading the extension sets `OMP_WAIT_POLICY=PASSIVE` unless the variable is already set:
+oneDNN's GNU OpenMP threads otherwise spin between calls and take the cores XLA's own threads
+need. `ANODE_JAX_ONEDNN=0` switches the extension off at run time (as if it were not built).
+
 The extension is a C++ source (`conv.cc`) compiled by `scripts/build_onednn.sh` against
 oneDNN 3.2 (the registry's CPU-only `onednn-cpu-gomp` wheel, unpacked under `build/`) and
 the installed jaxlib's FFI headers. Without the built `_onednn_conv.so`, `available()` is
@@ -67,12 +71,21 @@ def build_id() -> str | None:
 def _load():
     if "library" in _state or "error" in _state:
         return _state.get("library")
+    if os.environ.get("ANODE_JAX_ONEDNN", "").strip().lower() in ("0", "off", "false"):
+        _state["error"] = "the oneDNN extension is switched off (ANODE_JAX_ONEDNN=0)"
+        return None
     if not os.path.exists(_LIBRARY_PATH):
         _state["error"] = (
             f"the oneDNN extension is not built ({_LIBRARY_PATH} missing); run "
             "scripts/build_onednn.sh"
         )
         return None
+    # oneDNN runs on GNU OpenMP threads, which spin-wait between parallel regions by default:
+    # beside XLA's own thread pool that took the cores XLA needed (measured: oneDNN's weight
+    # gradient 8-16 ms spinning, 0.2-2.7 ms passive, at small shapes on 2 cores). libgomp reads
+    # the policy when it is loaded, i.e. here (unless something loaded it before); a value the
+    # user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         library = ctypes.CDLL(_LIBRARY_PATH)
         for name, symbol in _TARGETS.items():
