@@ -330,11 +330,10 @@ def main():
         _common.write_results("bench_conv", payload, to_markdown)  # partial results survive
 
 
-def columns(t: dict, names: tuple[str, ...], with_onednn: bool) -> list[str]:
+def columns(t: dict, names: tuple[str, ...]) -> list[str]:
     """The measured columns of one pass in row times `t`: XLA's, then oneDNN's where timed."""
-    prefix = names[0].split()[0]
-    extra = [f"{prefix} onednn"] if with_onednn and f"{prefix} onednn" in t else []
-    return [k for k in names if k in t] + extra
+    onednn_column = names[0].split()[0] + " onednn"
+    return [k for k in names if k in t] + ([onednn_column] if onednn_column in t else [])
 
 
 def pass_ratios(r: dict, key: str = "seconds") -> dict[str, dict]:
@@ -345,8 +344,8 @@ def pass_ratios(r: dict, key: str = "seconds") -> dict[str, dict]:
     """
     t = r.get(key, r["seconds"])
     passes = {
-        "dw": (columns(t, DW_XLA, True), r["chosen"]["conv_weight_gradient"]),
-        "dx": (columns(t, DX_XLA, True), r["chosen"]["conv_input_gradient"]),
+        "dw": (columns(t, DW_XLA), r["chosen"]["conv_weight_gradient"]),
+        "dx": (columns(t, DX_XLA), r["chosen"]["conv_input_gradient"]),
     }
     if "fwd xla" in t:
         passes["fwd"] = (["fwd xla", "fwd onednn"], r["chosen"].get("conv_forward"))
@@ -489,8 +488,8 @@ def summary(rows, with_onednn: bool = False) -> list[str]:
         for r in rows:
             t = r.get(key, r["seconds"])
             p = pass_ratios(r, key)
-            dw_best = min(t[k] for k in columns(t, DW_XLA, True))
-            dx_best = min(t[k] for k in columns(t, DX_XLA, True))
+            dw_best = min(t[k] for k in columns(t, DW_XLA))
+            dx_best = min(t[k] for k in columns(t, DX_XLA))
             ratios["measured choice"] += [
                 p[what]["ratio"] for what in ("dw", "dx") if p[what]["ratio"] is not None
             ]
