@@ -514,6 +514,14 @@ def summary(rows, with_onednn: bool = False) -> list[str]:
             f"* inside a scan, fixed rule / measured choice: geometric mean "
             f"{statistics.geometric_mean(scan):.2f}× ({min(scan):.2f}–{max(scan):.2f}×)."
         )
+        slower = [r["shape"] for r, v in zip(rows, scan) if v < 1 / 1.1]
+        if with_onednn and slower:
+            out.append(
+                f"* inside a scan the measured choice was over 1.1× slower than the fixed rule "
+                f"at {len(slower)} of {len(rows)} shapes: {', '.join(slower)}."
+            )
+    if with_onednn:
+        out += agreement(rows)
     if with_onednn:
         out.append(
             "* (the fixed rule's `conv` formulations are timed as in the columns, their nested "
@@ -549,6 +557,35 @@ def summary(rows, with_onednn: bool = False) -> list[str]:
         + closer,
     ]
     return out
+
+
+def agreement(rows) -> list[str]:
+    """How far the autotuner's own least times are from this table's, per candidate."""
+    pairs = []  # (autotuner's / table's least time, pass, candidate, shape)
+    for r in rows:
+        t = r.get("least_seconds", r["seconds"])
+        for kind, what in zip(KINDS, ("dw", "dx", "fwd")):
+            for name, seconds in ((r.get(f"autotune_{kind}") or {}).get("seconds") or {}).items():
+                if f"{what} {name}" in t:
+                    pairs.append((seconds / t[f"{what} {name}"], what, name, r["shape"]))
+    if not pairs:
+        return []
+    off = sorted((p for p in pairs if not 0.5 <= p[0] <= 2.0), reverse=True)
+    by_candidate = {}
+    for _, what, name, _ in off:
+        by_candidate[f"{what} {name}"] = by_candidate.get(f"{what} {name}", 0) + 1
+    return [
+        f"* the autotuner's own least time of a candidate and this table's least time differ "
+        f"by more than 2× for {len(off)} of {len(pairs)} (candidate, shape) pairs"
+        + (
+            " ("
+            + ", ".join(f"{k}: {v}" for k, v in sorted(by_candidate.items(), key=lambda kv: -kv[1]))
+            + "; a candidate whose first run was over 3× the fastest first run keeps that "
+            "first run as its time): choices among such candidates follow that noise."
+            if off
+            else "."
+        )
+    ]
 
 
 def onednn_summary(rows) -> list[str]:
