@@ -666,7 +666,8 @@ ONEDNN_TEXT = """
 
 **oneDNN.** When the optional extension `anode_jax.nn.onednn` is built
 (`scripts/build_onednn.sh`, run by `scripts/setup.sh` when it can), oneDNN's kernels are one
-more candidate for each pass, called as XLA custom calls (they too stay fast inside loops):
+more candidate for each pass, called as XLA custom calls (which XLA's layout passes do not
+touch, so a loop body runs the same kernel; the scan rows measure what that gives):
 `onednn` for the weight and the input gradient, and for the forward pass, which is then
 chosen the same way between XLA's convolution (`xla`) and oneDNN's (`forward="auto"` |
 `"xla"` | `"onednn"`, `ANODE_JAX_CONV_FORWARD`). oneDNN is a candidate only on the CPU
