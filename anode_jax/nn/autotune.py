@@ -41,6 +41,10 @@ times every candidate once, on first use, and remembers the fastest:
 * **Pruning and warm-up.** Each candidate runs once untimed first (one-time work such as
   oneDNN's kernel generation is not held against it); one that is then over `PRUNE_FACTOR`×
   the fastest is timed no further, and the entry lists it under `"pruned"`.
+* **Timed in a loop.** The convolution times each candidate inside a short `fori_loop`
+  (`anode_jax.nn._conv._in_loop`: 4 iterations, data-dependent so nothing is hoisted or
+  unrolled), since its calls run mostly in ODE solver loops, where a candidate can cost more
+  than alone (measured: oneDNN's calls at small shapes).
 * **When measuring fails** (a candidate does not compile or runs out of memory), that
   candidate is skipped; if none can be timed, the default rule is used with a warning.
 
