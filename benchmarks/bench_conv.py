@@ -153,8 +153,15 @@ def find_entry(entries, kind, x, w, ct, strides, pads):
             continue
         if any(d != 1 for k in ("lhs_dilation", "rhs_dilation") for d in fields.get(k, ())):
             continue
-        found = entry
+        # how the autotuner timed it (e.g. "in a loop of 4"): its times are per loop, not per call
+        found = {**entry, "timed": fields.get("timed", "alone")}
     return found
+
+
+def _loop_trips(entry) -> int:
+    """Calls per autotuner timing: N for entries timed "in a loop of N", else 1."""
+    timed = str(entry.get("timed", "alone"))
+    return int(timed.rsplit(" ", 1)[-1]) if timed.startswith("in a loop of ") else 1
 
 
 def measure(shape, args):
@@ -565,23 +572,29 @@ def agreement(rows) -> list[str]:
     for r in rows:
         t = r.get("least_seconds", r["seconds"])
         for kind, what in zip(KINDS, ("dw", "dx", "fwd")):
-            for name, seconds in ((r.get(f"autotune_{kind}") or {}).get("seconds") or {}).items():
+            entry = r.get(f"autotune_{kind}") or {}
+            trips = _loop_trips(entry)
+            for name, seconds in (entry.get("seconds") or {}).items():
                 if f"{what} {name}" in t:
-                    pairs.append((seconds / t[f"{what} {name}"], what, name, r["shape"]))
+                    pairs.append((seconds / trips / t[f"{what} {name}"], what, name, r["shape"]))
     if not pairs:
         return []
     off = sorted((p for p in pairs if not 0.5 <= p[0] <= 2.0), reverse=True)
     by_candidate = {}
     for _, what, name, _ in off:
         by_candidate[f"{what} {name}"] = by_candidate.get(f"{what} {name}", 0) + 1
+    looped = any(_loop_trips(r.get(f"autotune_{k}") or {}) > 1 for r in rows for k in KINDS)
     return [
-        f"* the autotuner's own least time of a candidate and this table's least time differ "
+        "* the autotuner's own least time of a candidate"
+        + (" per trip of the loop it times candidates in" if looped else "")
+        + " and this table's least time (a call alone) differ "
         f"by more than 2× for {len(off)} of {len(pairs)} (candidate, shape) pairs"
         + (
             " ("
             + ", ".join(f"{k}: {v}" for k, v in sorted(by_candidate.items(), key=lambda kv: -kv[1]))
-            + "; a candidate whose first run was over 3× the fastest first run keeps that "
-            "first run as its time): choices among such candidates follow that noise."
+            + "; a candidate pruned after one timed run keeps that run as its time"
+            + ("; and a call in a loop body can cost more or less than alone" if looped else "")
+            + ")."
             if off
             else "."
         )
