@@ -81,3 +81,23 @@ def tree_allclose(actual, expected, *, rtol, atol=0.0):
     )
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def measured_candidates(tmp_path, monkeypatch):
+    """Autotuning on against a cache in `tmp_path`; yields the list of candidate-name tuples of
+    every measurement made (each measured for real, one timed round)."""
+    from anode_jax.nn import autotune
+
+    monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "on")
+    monkeypatch.setenv("ANODE_JAX_AUTOTUNE_CACHE", str(tmp_path))
+    autotune.clear_memory()
+    real_measure, measured = autotune.measure, []
+
+    def counting_measure(candidates, args):
+        measured.append(tuple(candidates))
+        return real_measure(candidates, args, rounds=1)
+
+    monkeypatch.setattr(autotune, "measure", counting_measure)
+    yield measured
+    autotune.clear_memory()

@@ -240,17 +240,10 @@ def _conv(x, w, **kwargs):
     return conv_general_dilated(x, w, (1, 1), "SAME", None, None, NHWC, **kwargs)
 
 
-def test_conv_measures_once_per_shape_at_trace_time_under_jit_and_scan(tmp_path, monkeypatch, x64):
-    monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "on")
-    monkeypatch.setenv("ANODE_JAX_AUTOTUNE_CACHE", str(tmp_path))
-    autotune.clear_memory()
-    real_measure, measured = autotune.measure, []
-
-    def counting_measure(candidates, args):
-        measured.append(tuple(candidates))
-        return real_measure(candidates, args, rounds=1)
-
-    monkeypatch.setattr(autotune, "measure", counting_measure)
+def test_conv_measures_once_per_shape_at_trace_time_under_jit_and_scan(
+    tmp_path, measured_candidates, x64
+):
+    measured = measured_candidates
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 6, 5, 3)))
     w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)))
@@ -278,7 +271,6 @@ def test_conv_measures_once_per_shape_at_trace_time_under_jit_and_scan(tmp_path,
     (path,) = tmp_path.glob("autotune-*.json")
     kinds = sorted(json.loads(k)["kind"] for k in json.loads(path.read_text())["entries"])
     assert kinds == ["conv_input_gradient", "conv_weight_gradient"]
-    autotune.clear_memory()
 
 
 def test_conv_pins_from_the_environment_and_rejects_unknown_ones(monkeypatch, x64):

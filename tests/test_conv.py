@@ -197,6 +197,8 @@ def test_unsupported_arguments_raise(kwargs, message):
         conv_general_dilated(x, w, **arguments)
 
 
+@pytest.mark.filterwarnings("ignore:ANODE_JAX_CONV_.*=onednn")  # once per process: asserted
+# in tests/test_onednn_conv.py's subprocess
 @pytest.mark.parametrize("option", ["forward", "input_gradient", "weight_gradient"])
 def test_onednn_where_it_cannot_compute_raises_or_falls_back(x64, option, monkeypatch):
     # float64: oneDNN cannot (and without the optional build it cannot anywhere). Asked for

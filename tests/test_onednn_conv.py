@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from anode_jax.nn import autotune, conv_general_dilated, onednn
+from anode_jax.nn import conv_general_dilated, onednn
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason=str(onednn.unavailable_reason()))
 
@@ -232,17 +232,8 @@ def test_loop_safe_conv_on_onednn_inside_scan_and_checkpointed_solver_matches_la
             _close(got, want)
 
 
-def test_autotuner_measures_onednn_and_keys_the_cache_by_the_build(tmp_path, monkeypatch):
-    monkeypatch.setenv("ANODE_JAX_AUTOTUNE", "on")
-    monkeypatch.setenv("ANODE_JAX_AUTOTUNE_CACHE", str(tmp_path))
-    autotune.clear_memory()
-    real_measure, measured = autotune.measure, []
-
-    def counting_measure(candidates, args):
-        measured.append(tuple(candidates))
-        return real_measure(candidates, args, rounds=1)
-
-    monkeypatch.setattr(autotune, "measure", counting_measure)
+def test_autotuner_measures_onednn_and_keys_the_cache_by_the_build(tmp_path, measured_candidates):
+    measured = measured_candidates
     case = LOOP_SAFE_CASES[0]
     x, w = jnp.ones(case[1], jnp.float32), jnp.ones(case[2], jnp.float32)
     conv = _loop_safe(case)
@@ -261,7 +252,6 @@ def test_autotuner_measures_onednn_and_keys_the_cache_by_the_build(tmp_path, mon
         "conv_weight_gradient",
     ]
     assert all(k["onednn"] == onednn.build_id() and "onednn" in k["candidates"] for k in keys)
-    autotune.clear_memory()
 
 
 def test_not_offered_when_several_devices_are_visible(tmp_path):

@@ -715,37 +715,26 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 # higher reverse-mode derivatives work whichever formulation the first one used.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _onednn_input_grad(x_shape, ct, w, geometry, methods):
-    strides, pads = geometry[:2]
-    return onednn.conv_input_grad(ct, w, x_shape, strides, pads)
+def _onednn_gradient(kernel, same_map):
+    """oneDNN's `kernel(a, b, shape, strides, pads)` with the VJP of `same_map("conv", shape,
+    a, b, geometry=, methods=)`, the same linear map in XLA convolutions."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+    def gradient(shape, a, b, geometry, methods):
+        strides, pads = geometry[:2]
+        return kernel(a, b, shape, strides, pads)
+
+    def gradient_fwd(shape, a, b, geometry, methods):
+        return gradient(shape, a, b, geometry, methods), (a, b)
+
+    def gradient_bwd(shape, geometry, methods, residuals, g):
+        xla = functools.partial(same_map, "conv", shape, geometry=geometry, methods=methods)
+        return jax.vjp(xla, *residuals)[1](g)
+
+    gradient.defvjp(gradient_fwd, gradient_bwd)
+    return gradient
 
 
-def _onednn_input_grad_fwd(x_shape, ct, w, geometry, methods):
-    return _onednn_input_grad(x_shape, ct, w, geometry, methods), (ct, w)
-
-
-def _onednn_input_grad_bwd(x_shape, geometry, methods, residuals, g):
-    same_map = functools.partial(_input_grad, "conv", x_shape, geometry=geometry, methods=methods)
-    return jax.vjp(same_map, *residuals)[1](g)
-
-
-_onednn_input_grad.defvjp(_onednn_input_grad_fwd, _onednn_input_grad_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _onednn_weight_grad(w_shape, x, ct, geometry, methods):
-    strides, pads = geometry[:2]
-    return onednn.conv_weight_grad(x, ct, w_shape, strides, pads)
-
-
-def _onednn_weight_grad_fwd(w_shape, x, ct, geometry, methods):
-    return _onednn_weight_grad(w_shape, x, ct, geometry, methods), (x, ct)
-
-
-def _onednn_weight_grad_bwd(w_shape, geometry, methods, residuals, g):
-    same_map = functools.partial(_weight_grad, "conv", w_shape, geometry=geometry, methods=methods)
-    return jax.vjp(same_map, *residuals)[1](g)
-
-
-_onednn_weight_grad.defvjp(_onednn_weight_grad_fwd, _onednn_weight_grad_bwd)
+#: dx from (x_shape, ct, w, geometry, methods); dw from (w_shape, x, ct, geometry, methods).
+_onednn_input_grad = _onednn_gradient(onednn.conv_input_grad, _input_grad)
+_onednn_weight_grad = _onednn_gradient(onednn.conv_weight_grad, _weight_grad)
