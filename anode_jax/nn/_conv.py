@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -380,35 +378,27 @@ def _fields(x, w, out_shape, geometry, onednn_ok) -> dict[str, Any]:
     return fields
 
 
-def _choose(
-    kind, requested, methods, candidates, args, *, default, pin_env, fields, onednn_ok
-) -> str:
+def _choose(kind, requested, candidates, args, *, default, pin_env, fields, onednn_reason) -> str:
     """The formulation to run: the one requested per call, else pinned, cached or measured.
 
-    `candidates` are the formulations that can compute this convolution. A per-call or pinned
-    "onednn" where oneDNN cannot (only reached by the convolutions nested in another
-    formulation: the public function rejects it up front) falls back to the automatic choice
-    and to the default, respectively.
+    `candidates` are the formulations that can compute this convolution; `onednn_reason` says
+    why oneDNN cannot (None when it can). A per-call "onednn" where it cannot (only reached by
+    the convolutions nested in another formulation: the public function rejects it up front)
+    falls back to the automatic choice; a pinned one to the default (`autotune.choose`).
     """
-    if requested != "auto" and (requested != "onednn" or onednn_ok):
+    if requested != "auto" and (requested != "onednn" or onednn_reason is None):
         return requested
-    pinned = os.environ.get(pin_env, "").strip()
-    if pinned == "onednn" and not onednn_ok:
-        if pin_env not in _warned_fallback:
-            _warned_fallback.add(pin_env)
-            warnings.warn(
-                f"{pin_env}=onednn: oneDNN cannot compute some convolutions (the first: "
-                f"{fields['dtype']} x {fields['x']}, w {fields['w']}); they use the default "
-                "formulation (this warning is shown once per variable).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return default
-    if pinned and pinned not in methods:
-        raise ValueError(f"{pin_env} must be one of {methods}, got {pinned!r}.")
+    inapplicable = {}
+    if onednn_reason is not None:
+        inapplicable["onednn"] = (
+            f"oneDNN cannot compute some convolutions (the first: {fields['dtype']} x "
+            f"{fields['x']}, w {fields['w']}: {onednn_reason})"
+        )
     timed = {name: _in_loop(fn) for name, fn in candidates.items()}
     fields = {**fields, "timed": f"in a loop of {_TIMING_LOOP_TRIPS}"}
-    return autotune.choose(kind, fields, timed, args, default=default, pin_env=pin_env)
+    return autotune.choose(
+        kind, fields, timed, args, default=default, pin_env=pin_env, inapplicable=inapplicable
+    )
 
 
 #: Iterations of the loop each candidate is timed in (see `_in_loop`).
@@ -442,9 +432,6 @@ def _in_loop(fn):
     return looped
 
 
-_warned_fallback: set[str] = set()
-
-
 def _out_shape(x, w, strides, pads, lhs_dil, rhs_dil) -> tuple[int, ...]:
     spatial = tuple(
         (_dilate(s, ld) + lo + hi - _dilate(k, rd)) // st + 1
@@ -458,18 +445,9 @@ def _out_shape(x, w, strides, pads, lhs_dil, rhs_dil) -> tuple[int, ...]:
 def _forward(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
     """The canonical convolution's value with the chosen implementation ("xla" | "onednn")."""
     geometry = (strides, pads, lhs_dil, rhs_dil, groups, precision)
-    onednn_ok = onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups) is None
-    candidates = {
-        "xla": functools.partial(
-            _conv_raw,
-            strides=strides,
-            pads=pads,
-            lhs_dil=lhs_dil,
-            rhs_dil=rhs_dil,
-            groups=groups,
-            precision=precision,
-        )
-    }
+    onednn_reason = onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups)
+    onednn_ok = onednn_reason is None
+    candidates = {"xla": lambda x, w: _conv_raw(x, w, *geometry)}
     if onednn_ok:
         candidates["onednn"] = functools.partial(
             onednn.conv_forward, window_strides=strides, padding=pads
@@ -477,7 +455,6 @@ def _forward(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
     method = _choose(
         "conv_forward",
         methods[2],
-        FORWARD_METHODS,
         candidates,
         (_abstract(x), _abstract(w)),
         default="xla",
@@ -485,7 +462,7 @@ def _forward(x, w, strides, pads, lhs_dil, rhs_dil, groups, precision, methods):
         fields=_fields(
             x, w, _out_shape(x, w, strides, pads, lhs_dil, rhs_dil), geometry, onednn_ok
         ),
-        onednn_ok=onednn_ok,
+        onednn_reason=onednn_reason,
     )
     with jax.named_scope(f"conv_forward_{method}"):
         return candidates[method](x, w)
@@ -511,13 +488,13 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, resid
     x, w = residuals
     geometry = (strides, pads, lhs_dil, rhs_dil, groups, precision)
     weight_method, input_method, _ = methods
-    onednn_ok = onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups) is None
+    onednn_reason = onednn_unsupported_reason(x, w, pads, lhs_dil, rhs_dil, groups)
+    onednn_ok = onednn_reason is None
     fields = _fields(x, w, ct.shape, geometry, onednn_ok)
     input_names = INPUT_GRADIENT_METHODS[1:] if onednn_ok else INPUT_GRADIENT_METHODS[1:-1]
     input_method = _choose(
         "conv_input_gradient",
         input_method,
-        INPUT_GRADIENT_METHODS,
         {
             m: functools.partial(_input_grad, m, x.shape, geometry=geometry, methods=methods)
             for m in input_names
@@ -526,13 +503,12 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, resid
         default="conv",
         pin_env="ANODE_JAX_CONV_INPUT_GRADIENT",
         fields=fields,
-        onednn_ok=onednn_ok,
+        onednn_reason=onednn_reason,
     )
     weight_names = WEIGHT_GRADIENT_METHODS[1:] if onednn_ok else WEIGHT_GRADIENT_METHODS[1:-1]
     weight_method = _choose(
         "conv_weight_gradient",
         weight_method,
-        WEIGHT_GRADIENT_METHODS,
         {
             m: functools.partial(_weight_grad, m, w.shape, geometry=geometry, methods=methods)
             for m in weight_names
@@ -541,7 +517,7 @@ def _conv_bwd(strides, pads, lhs_dil, rhs_dil, groups, precision, methods, resid
         default=weight_gradient_method(x.shape, w.shape, ct.shape, groups),
         pin_env="ANODE_JAX_CONV_WEIGHT_GRADIENT",
         fields=fields,
-        onednn_ok=onednn_ok,
+        onednn_reason=onednn_reason,
     )
     # named scopes: profiles and HLO metadata tell the two gradients apart
     with jax.named_scope(f"conv_input_grad_{input_method}"):
@@ -562,17 +538,8 @@ def _input_grad(method, x_shape, ct, w, *, geometry, methods):
         return _onednn_input_grad(tuple(x_shape), ct, w, geometry, methods)
     if method == "taps":
         x_struct = jax.ShapeDtypeStruct(tuple(x_shape), ct.dtype)
-        forward = functools.partial(
-            _conv_taps,
-            w=w,
-            strides=strides,
-            pads=pads,
-            lhs_dil=lhs_dil,
-            rhs_dil=rhs_dil,
-            groups=groups,
-            precision=precision,
-        )
-        return jax.linear_transpose(forward, x_struct)(ct)[0]
+        # geometry is (strides, pads, lhs_dil, rhs_dil, groups, precision): _conv_taps's order
+        return jax.linear_transpose(lambda x: _conv_taps(x, w, *geometry), x_struct)(ct)[0]
     if method != "conv":
         raise ValueError(f"input_gradient must be one of {INPUT_GRADIENT_METHODS}, got {method!r}.")
     # Correlate the cotangent with the spatially flipped kernel whose in/out channels are

@@ -91,6 +91,7 @@ _ISA_FLAGS = (
 )
 
 _lock = threading.Lock()
+_warned_pins: set[str] = set()
 _memory: dict[str, dict[str, Any]] = {}
 _loaded_files: set[str] = set()
 
@@ -302,6 +303,7 @@ def choose(
     args: Sequence[jax.ShapeDtypeStruct],
     default: str,
     pin_env: str | None = None,
+    inapplicable: Mapping[str, str] | None = None,
 ) -> str:
     """The formulation to use for one operation: pinned, cached, measured, or `default`.
 
@@ -313,16 +315,32 @@ def choose(
         must give the same result up to rounding.
       args: shapes and dtypes of the candidates' inputs.
       default: the choice when measuring is off or impossible (deterministic).
-      pin_env: environment variable that, when set, pins the choice for every call.
+      pin_env: environment variable that, when set, pins the choice for every call (`auto`:
+        no pin).
+      inapplicable: formulations that exist but cannot compute this case, name -> why: a pin
+        naming one falls back to `default`, with a RuntimeWarning (`"{pin_env}={name}: {why};
+        ..."`) once per variable and process.
 
     Raises:
-      ValueError: if the pin names no candidate, or `ANODE_JAX_AUTOTUNE` is invalid.
+      ValueError: if the pin names no formulation, or `ANODE_JAX_AUTOTUNE` is invalid.
     """
     if pin_env:
         pinned = os.environ.get(pin_env, "").strip()
+        inapplicable = inapplicable or {}
+        if pinned in inapplicable:
+            if pin_env not in _warned_pins:
+                _warned_pins.add(pin_env)
+                warnings.warn(
+                    f"{pin_env}={pinned}: {inapplicable[pinned]}; they use the default "
+                    f"formulation (this warning is shown once per variable).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return default
         if pinned and pinned != "auto":  # "auto": no pin
             if pinned not in candidates:
-                raise ValueError(f"{pin_env} must be one of {tuple(candidates)}, got {pinned!r}.")
+                names = tuple(candidates) + tuple(inapplicable)
+                raise ValueError(f"{pin_env} must be one of {names}, got {pinned!r}.")
             return pinned
     if len(candidates) == 1:
         return next(iter(candidates))
